@@ -1,0 +1,181 @@
+"""Stage command groups: data, train, align, quantize, serve, chat.
+
+Each stage command runs exactly that stage through the pipeline runner (so caching and lineage are the same as
+under `llmforge run`), using the outputs its upstream stages recorded. Commands for stages that are not built
+yet say so and exit with code 3.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..errors import NotBuiltError
+from .common import (
+    DEFAULT_MANIFEST,
+    ForceOpt,
+    ManifestOpt,
+    OverridesArg,
+    load_manifest,
+    only_overrides,
+    run_stages,
+)
+
+data_app = typer.Typer(help="Crawl the web and build a clean corpus.", no_args_is_help=True)
+train_app = typer.Typer(help="Tokenizer, pretraining, fine-tuning, distillation.", no_args_is_help=True)
+align_app = typer.Typer(help="Reward model, DPO, GRPO, PPO, rejection sampling.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
+    app.add_typer(train_app, name="train")
+    app.add_typer(align_app, name="align")
+    app.command("quantize", help="GPTQ-quantize the final model (not built yet).")(quantize)
+    app.command("serve", help="Serve the model on an OpenAI-compatible endpoint (not built yet).")(serve)
+    app.command("chat", help="Chat with a model in the terminal (not built yet).")(chat)
+
+
+def _warn_stale_upstream(loaded, stage: str) -> None:
+    from .. import console, pipeline
+
+    spec = pipeline.Pipeline().get(stage)
+    states = {s.name: s for s in pipeline.status(loaded)}
+    for dep in spec.needs:
+        st = states.get(dep)
+        if st is not None and st.enabled and st.state == "stale":
+            console.get_logger("cli").warning(
+                "upstream stage '%s' is stale (%s); using its last outputs. `llmforge run %s` re-runs it first.",
+                dep,
+                st.reason,
+                stage,
+            )
+
+
+def _run_stage(stage: str, manifest, overrides, force: bool, options: dict | None = None) -> None:
+    loaded = load_manifest(manifest, only_overrides(overrides))
+    _warn_stale_upstream(loaded, stage)
+    run_stages(loaded, [stage], only=True, force=[stage] if force else [], options=options)
+
+
+def _not_built(command: str, what: str) -> None:
+    raise NotBuiltError(
+        f"`llmforge {command}` is not built yet in llmforge {__version__}: {what} lands in a later release. "
+        "Built today: data crawl, data process, data tokenize, train tokenizer, train pretrain."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("crawl", help="Crawl `crawl.seeds` politely into WARC files (stage `crawl`).")
+def data_crawl(
+    overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST, force: ForceOpt = False
+):
+    _run_stage("crawl", manifest, overrides, force)
+
+
+@data_app.command("process", help="Extract, filter, scrub PII and deduplicate into a corpus (stage `data`).")
+def data_process(
+    overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST, force: ForceOpt = False
+):
+    _run_stage("data", manifest, overrides, force)
+
+
+@data_app.command(
+    "tokenize",
+    help="Tokenize the corpus into token shards. Shards are made by the `tokenizer` stage together with the "
+    "tokenizer, so this runs that stage (cached when nothing changed).",
+)
+def data_tokenize(
+    overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST, force: ForceOpt = False
+):
+    _run_stage("tokenizer", manifest, overrides, force)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+@train_app.command(
+    "tokenizer", help="Train (or import) the tokenizer and chat template, then shard the corpus."
+)
+def train_tokenizer(
+    overrides: OverridesArg = None,
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    force: ForceOpt = False,
+    eval_: Annotated[
+        bool, typer.Option("--eval", help="Report compression and byte-fallback rate on held-out text.")
+    ] = False,
+):
+    _run_stage("tokenizer", manifest, overrides, force or eval_, {"eval": eval_})
+
+
+@train_app.command("pretrain", help="Pretrain (or continue training) the model on the token shards.")
+def train_pretrain(
+    overrides: OverridesArg = None,
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    force: ForceOpt = False,
+    nproc: Annotated[
+        int | None, typer.Option("--nproc", help="Processes (DDP/FSDP through torchrun).")
+    ] = None,
+    print_slurm: Annotated[
+        bool, typer.Option("--print-slurm", help="Print a multi-node Slurm script and exit.")
+    ] = False,
+):
+    ov = only_overrides(overrides)
+    if nproc is not None:
+        ov = [*ov, f"pretrain.nproc={nproc}"] + ([] if nproc == 1 else ["pretrain.launcher=torchrun"])
+    if print_slurm:
+        from ..train.launch import slurm_script
+
+        loaded = load_manifest(manifest, ov)
+        typer.echo(slurm_script(loaded))
+        return
+    _run_stage("pretrain", manifest, ov, force)
+
+
+@train_app.command("sft", help="Supervised fine-tuning on chat data (not built yet).")
+def train_sft(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
+    _not_built("train sft", "supervised fine-tuning (full and LoRA)")
+
+
+@train_app.command("distill", help="Distill into a smaller student (not built yet).")
+def train_distill(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
+    _not_built("train distill", "distillation")
+
+
+# ---------------------------------------------------------------------------------------------------- align
+
+
+def _align_cmd(name: str, what: str):
+    def cmd(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
+        _not_built(f"align {name}", what)
+
+    cmd.__name__ = f"align_{name}"
+    align_app.command(name, help=f"{what[0].upper()}{what[1:]} (not built yet).")(cmd)
+
+
+for _name, _what in (
+    ("reward", "reward-model training"),
+    ("dpo", "direct preference optimisation"),
+    ("grpo", "group relative policy optimisation"),
+    ("ppo", "proximal policy optimisation"),
+    ("sample", "rejection sampling"),
+):
+    _align_cmd(_name, _what)
+
+
+# ---------------------------------------------------------------------------------------------------- rest
+
+
+def quantize(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
+    _not_built("quantize", "GPTQ quantization")
+
+
+def serve(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
+    _not_built("serve", "the OpenAI-compatible server")
+
+
+def chat(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
+    _not_built("chat", "terminal chat")

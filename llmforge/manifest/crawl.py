@@ -1,0 +1,58 @@
+"""`crawl:` — the polite web crawler that writes WARC files."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from .base import StageSection
+
+
+class CrawlSection(StageSection):
+    seeds: list[str] = Field(
+        default_factory=list, description="Start URLs (http/https). Required when the crawl is enabled."
+    )
+    user_agent: str = Field(
+        default="llmforge-crawler/0.1 (+https://github.com/llmforge/llmforge)",
+        description="User-Agent header sent with every request and matched against robots.txt groups.",
+    )
+    respect_robots: bool = Field(
+        default=True, description="Obey robots.txt Allow/Disallow rules and Crawl-delay for our user agent."
+    )
+    max_pages: int = Field(default=1000, gt=0, description="Stop after storing this many HTML pages.")
+    max_depth: int = Field(default=3, ge=0, description="Link hops from a seed to follow (0 = seeds only).")
+    allowed_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts (and their subdomains) the crawler may visit. Empty = the seeds' hosts.",
+    )
+    include_patterns: list[str] = Field(
+        default_factory=list, description="Regexes; when set, a URL must match one of them to be fetched."
+    )
+    exclude_patterns: list[str] = Field(
+        default_factory=list, description="Regexes; a URL matching any of them is never fetched."
+    )
+    concurrency: int = Field(default=16, gt=0, description="Requests in flight across all hosts.")
+    per_host_concurrency: int = Field(default=2, gt=0, description="Requests in flight to one host.")
+    per_host_delay_s: float = Field(
+        default=0.5, ge=0, description="Minimum seconds between two requests to one host (robots Crawl-delay wins if larger)."
+    )
+    timeout_s: float = Field(default=20.0, gt=0, description="Per-request timeout (connect + read), seconds.")
+    max_page_bytes: int = Field(
+        default=5_000_000, gt=0, description="Pages larger than this are truncated-and-skipped, not stored."
+    )
+    max_redirects: int = Field(default=5, ge=0, description="Redirect hops followed per URL.")
+    retries: int = Field(default=3, ge=0, description="Retries for transient errors (timeouts, 429, 5xx).")
+    backoff_s: float = Field(default=1.0, ge=0, description="Base of the exponential backoff between retries.")
+    warc_max_bytes: int = Field(
+        default=1_000_000_000, gt=0, description="Start a new WARC file when the current one passes this size."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.enabled and not self.seeds:
+            raise ValueError("crawl is enabled but `seeds` is empty: add at least one start URL")
+        for s in self.seeds:
+            if not s.startswith(("http://", "https://")):
+                raise ValueError(f"seed {s!r} must start with http:// or https://")
+        if self.per_host_concurrency > self.concurrency:
+            raise ValueError("per_host_concurrency cannot exceed concurrency")
+        return self

@@ -1,0 +1,92 @@
+"""Content hashes of files and folders, with a stat-keyed cache so unchanged files are not re-read.
+
+A file's hash is the SHA-256 of its bytes. A folder's hash is the SHA-256 of the sorted list of
+``(relative path, file hash)`` of the files inside it, skipping temporary names (``.*.tmp``) that atomic
+writes use, so a folder's hash changes exactly when a finished file inside it changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from . import atomic
+
+_CHUNK = 1 << 20
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(".tmp") or ".old-" in name)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class HashCache:
+    """Remembers ``path -> (size, mtime_ns, inode, sha256)`` in a JSON file; re-hashes only changed files."""
+
+    def __init__(self, cache_file: Path | None = None):
+        self.cache_file = cache_file
+        self._entries: dict[str, list] = {}
+        self._dirty = False
+        if cache_file is not None and cache_file.exists():
+            with contextlib.suppress(OSError, ValueError):
+                self._entries = json.loads(cache_file.read_text())
+
+    def file(self, path: Path) -> str:
+        path = Path(path)
+        st = path.stat()
+        key = str(path.resolve())
+        sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = self._entries.get(key)
+        if hit is not None and hit[:3] == sig:
+            return hit[3]
+        digest = sha256_file(path)
+        self._entries[key] = [*sig, digest]
+        self._dirty = True
+        return digest
+
+    def files_in(self, folder: Path) -> list[tuple[str, str, int]]:
+        """``(relative posix path, sha256, size)`` of every finished file under ``folder``, sorted."""
+        out = []
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not _is_temp(d))
+            for name in sorted(files):
+                if _is_temp(name):
+                    continue
+                p = Path(root) / name
+                out.append((p.relative_to(folder).as_posix(), self.file(p), p.stat().st_size))
+        out.sort()
+        return out
+
+    def path(self, path: Path) -> tuple[str, int]:
+        """(hash, total bytes) of a file or folder."""
+        path = Path(path)
+        if path.is_dir():
+            entries = self.files_in(path)
+            h = hashlib.sha256()
+            for rel, digest, _ in entries:
+                h.update(rel.encode() + b"\0" + digest.encode() + b"\n")
+            return h.hexdigest(), sum(size for *_, size in entries)
+        return self.file(path), path.stat().st_size
+
+    def save(self) -> None:
+        if self.cache_file is None or not self._dirty:
+            return
+        # drop entries for files that no longer exist so the cache does not grow forever
+        self._entries = {k: v for k, v in self._entries.items() if os.path.exists(k)}
+        with contextlib.suppress(OSError):
+            atomic.write_json(self.cache_file, self._entries, indent=0)
+        self._dirty = False
