@@ -19,7 +19,10 @@ class SpecialTokens(Section):
 
 class ShardsConfig(Section):
     val_fraction: float = Field(
-        default=0.01, ge=0, lt=1, description="Fraction of documents (chosen by seed) held out for validation."
+        default=0.01,
+        ge=0,
+        lt=1,
+        description="Fraction of documents (chosen by seed) held out for validation.",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the train/validation document split.")
     shard_tokens: int = Field(default=100_000_000, gt=0, description="Tokens per shard file.")
@@ -34,7 +37,9 @@ class TokenizerSection(StageSection):
         "through the same export checks). Relative to the manifest.",
     )
     model_type: Literal["bpe", "unigram"] = Field(default="bpe", description="sentencepiece algorithm.")
-    vocab_size: int = Field(default=8000, gt=0, description="Vocabulary size, special and byte tokens included.")
+    vocab_size: int = Field(
+        default=8000, gt=0, description="Vocabulary size, special and byte tokens included."
+    )
     character_coverage: float = Field(
         default=0.9995, gt=0, le=1, description="Fraction of characters covered by the vocabulary."
     )
@@ -50,25 +55,32 @@ class TokenizerSection(StageSection):
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens, description="BOS/EOS/PAD/UNK.")
     chat_tokens: list[str] = Field(
         default_factory=lambda: ["<|im_start|>", "<|im_end|>"],
-        description="Chat markup tokens, added as user-defined symbols (ChatML by default).",
+        description="Chat markup tokens, added as user-defined symbols (ChatML by default). The default "
+        "template uses the first as start-of-turn and the second as end-of-turn (which also stops generation).",
     )
     chat_template: str | None = Field(
         default=None,
-        description="Jinja chat template. Default: llmforge's ChatML template with generation markers.",
+        description="Jinja chat template (inline, or a path to a .jinja file relative to the manifest). "
+        "Default: llmforge's ChatML template built from `chat_tokens`, with {% generation %} markers around "
+        "assistant replies for assistant-only loss masks.",
     )
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="Corpus → token shards.")
 
     @model_validator(mode="after")
     def _check(self):
-        n_special = 4 + len(self.chat_tokens)
+        # <unk>, BOS, EOS, PAD, the chat tokens and the newline symbol, then 256 byte pieces, then at least
+        # one learned piece. (The corpus's characters need more; training reports that with the number.)
+        n_special = 5 + len(self.chat_tokens)
         floor = n_special + (256 if self.byte_fallback else 0) + 1
         if self.from_ is None and self.vocab_size < floor:
             raise ValueError(
-                f"vocab_size {self.vocab_size} is too small: {n_special} special/chat tokens"
+                f"tokenizer.vocab_size {self.vocab_size} is too small: {n_special} special/chat/newline tokens"
                 + (" + 256 byte-fallback tokens" if self.byte_fallback else "")
-                + f" need at least {floor}"
+                + f" need at least {floor} (in practice a few hundred more for the corpus's characters)"
             )
         toks = [*self.special_tokens.model_dump().values(), *self.chat_tokens]
-        if len(set(toks)) != len(toks):
-            raise ValueError("special_tokens and chat_tokens must all be distinct")
+        # A trained tokenizer gets one user-defined symbol per token; an imported one may legitimately reuse
+        # a chat token as EOS (e.g. Qwen-style `<|im_end|>`).
+        if self.from_ is None and len(set(toks)) != len(toks):
+            raise ValueError("tokenizer.special_tokens and tokenizer.chat_tokens must all be distinct")
         return self
