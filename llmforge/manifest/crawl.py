@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, model_validator
 
 from .base import StageSection
@@ -22,28 +24,52 @@ class CrawlSection(StageSection):
     max_depth: int = Field(default=3, ge=0, description="Link hops from a seed to follow (0 = seeds only).")
     allowed_domains: list[str] = Field(
         default_factory=list,
-        description="Hosts (and their subdomains) the crawler may visit. Empty = the seeds' hosts.",
+        description="Hosts (and their subdomains) the crawler may visit. Empty = the seeds' hosts. "
+        "Seeds themselves are always fetched; links and redirects leaving these domains are not.",
     )
     include_patterns: list[str] = Field(
-        default_factory=list, description="Regexes; when set, a URL must match one of them to be fetched."
+        default_factory=list,
+        description="Regexes (searched in the normalised URL); when set, a discovered URL must match one of "
+        "them to be fetched. Seeds and their redirects are exempt, so a home-page seed can lead into them.",
     )
     exclude_patterns: list[str] = Field(
-        default_factory=list, description="Regexes; a URL matching any of them is never fetched."
+        default_factory=list,
+        description="Regexes (searched in the normalised URL); a discovered URL matching any is never fetched.",
+    )
+    sort_query: bool = Field(
+        default=False,
+        description="Sort query parameters when normalising URLs, so `?a=1&b=2` and `?b=2&a=1` are one page. "
+        "Off by default: some servers treat parameter order as meaningful.",
     )
     concurrency: int = Field(default=16, gt=0, description="Requests in flight across all hosts.")
     per_host_concurrency: int = Field(default=2, gt=0, description="Requests in flight to one host.")
     per_host_delay_s: float = Field(
-        default=0.5, ge=0, description="Minimum seconds between two requests to one host (robots Crawl-delay wins if larger)."
+        default=0.5,
+        ge=0,
+        description="Minimum seconds between two requests to one host (robots Crawl-delay wins if larger).",
     )
     timeout_s: float = Field(default=20.0, gt=0, description="Per-request timeout (connect + read), seconds.")
     max_page_bytes: int = Field(
-        default=5_000_000, gt=0, description="Pages larger than this are truncated-and-skipped, not stored."
+        default=5_000_000,
+        gt=0,
+        description="Pages larger than this (decoded bytes) are skipped, not stored; the download stops there.",
     )
     max_redirects: int = Field(default=5, ge=0, description="Redirect hops followed per URL.")
-    retries: int = Field(default=3, ge=0, description="Retries for transient errors (timeouts, 429, 5xx).")
-    backoff_s: float = Field(default=1.0, ge=0, description="Base of the exponential backoff between retries.")
+    retries: int = Field(
+        default=3,
+        ge=0,
+        description="Retries for transient errors (timeouts, broken connections, 429, 5xx); 4xx is final.",
+    )
+    backoff_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Base of the exponential backoff between retries (base·2^n, ±50% jitter; a longer "
+        "Retry-After, up to 60 s, wins).",
+    )
     warc_max_bytes: int = Field(
-        default=1_000_000_000, gt=0, description="Start a new WARC file when the current one passes this size."
+        default=1_000_000_000,
+        gt=0,
+        description="Start a new WARC file when the current one passes this size.",
     )
 
     @model_validator(mode="after")
@@ -55,4 +81,10 @@ class CrawlSection(StageSection):
                 raise ValueError(f"seed {s!r} must start with http:// or https://")
         if self.per_host_concurrency > self.concurrency:
             raise ValueError("per_host_concurrency cannot exceed concurrency")
+        for name in ("include_patterns", "exclude_patterns"):
+            for i, pattern in enumerate(getattr(self, name)):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{name}[{i}] {pattern!r} is not a valid regex: {err}") from None
         return self
