@@ -9,7 +9,6 @@ from pydantic import Field, model_validator
 
 from .base import Section
 
-
 # Keep in step with llmforge.model.config.PRESETS (a test checks it); listed here so that a typo is a manifest
 # error naming the allowed values, without importing the model package.
 PresetName = Literal["tiny", "small", "124M", "350M", "1B"]
@@ -19,7 +18,8 @@ class RopeScaling(Section):
     """RoPE context extension; `llama3` is the Llama-3.1 frequency-dependent scheme."""
 
     rope_type: Literal["llama3", "linear"] = Field(
-        default="llama3", description="Scaling kind: `llama3` (Llama-3.1 style) or `linear` (position interpolation)."
+        default="llama3",
+        description="Scaling kind: `llama3` (Llama-3.1 style) or `linear` (position interpolation).",
     )
     factor: float = Field(default=8.0, gt=0, description="Context extension factor (both kinds).")
     low_freq_factor: float = Field(default=1.0, gt=0, description="Llama-3 low-frequency factor.")
@@ -38,9 +38,14 @@ class ModelSection(Section):
         default=None,
         alias="from",
         description="Start from this local Hugging Face Llama/Mistral/Qwen2-style checkpoint directory "
-        "instead of random weights (continued pretraining). Its shape wins over preset/fields.",
+        "instead of random weights (continued pretraining). Its config.json gives the shape (the preset is "
+        "ignored); only max_position_embeddings, rope_theta, rope_scaling and dropout may change on top of it.",
     )
-    vocab_size: int | None = Field(default=None, gt=0, description="Default: the tokenizer's vocabulary size.")
+    vocab_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Default: the tokenizer's vocabulary size; may be larger (padded), never smaller.",
+    )
     hidden_size: int | None = Field(default=None, gt=0, description="Model width.")
     intermediate_size: int | None = Field(default=None, gt=0, description="SwiGLU hidden width.")
     num_hidden_layers: int | None = Field(default=None, gt=0, description="Transformer blocks.")
@@ -55,14 +60,19 @@ class ModelSection(Section):
         default=None, gt=0, description="Longest context (RoPE tables and KV caches are sized by it)."
     )
     rope_theta: float | None = Field(default=None, gt=0, description="RoPE base frequency.")
-    rope_scaling: RopeScaling | None = Field(default=None, description="Llama-3-style RoPE scaling.")
+    rope_scaling: RopeScaling | None = Field(
+        default=None, description="RoPE context extension (`llama3` or `linear`); none by default."
+    )
     rms_norm_eps: float | None = Field(default=None, gt=0, description="RMSNorm epsilon.")
     tie_word_embeddings: bool | None = Field(default=None, description="Share input and output embeddings.")
     attention_bias: bool | None = Field(
-        default=None, description="Bias on the q/k/v/o attention projections (Qwen2-style checkpoints load with it)."
+        default=None,
+        description="Bias on the q/k/v/o attention projections (Qwen2-style checkpoints load with it).",
     )
     initializer_range: float | None = Field(
-        default=None, gt=0, description="Std of the normal initialization of every weight matrix (default 0.02)."
+        default=None,
+        gt=0,
+        description="Std of the normal initialization of every weight matrix (default 0.02).",
     )
     dropout: float = Field(
         default=0.0,
