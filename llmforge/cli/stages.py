@@ -123,16 +123,23 @@ def train_pretrain(
         bool, typer.Option("--print-slurm", help="Print a multi-node Slurm script and exit.")
     ] = False,
 ):
-    ov = only_overrides(overrides)
-    if nproc is not None:
-        ov = [*ov, f"pretrain.nproc={nproc}"] + ([] if nproc == 1 else ["pretrain.launcher=torchrun"])
     if print_slurm:
+        from .. import pipeline
+        from ..errors import StageInputError
         from ..train.launch import slurm_script
 
-        loaded = load_manifest(manifest, ov)
-        typer.echo(slurm_script(loaded))
+        loaded = load_manifest(manifest, only_overrides(overrides))
+        lin = pipeline.read_lineage(loaded, "tokenizer")
+        if lin is None:
+            raise StageInputError(
+                "--print-slurm needs the tokenizer and token shards: run `llmforge run tokenizer` first"
+            )
+        upstream = {"tokenizer": {k: loaded.resolve(v["path"]) for k, v in lin["outputs"].items()}}
+        typer.echo(slurm_script(loaded, upstream=upstream))
         return
-    _run_stage("pretrain", manifest, ov, force)
+    # --nproc is how many processes run it, not what is computed: it goes to the stage as an option, so it
+    # does not change the stage's fingerprint (pretrain.nproc in the manifest is the persistent setting).
+    _run_stage("pretrain", manifest, overrides, force, {"nproc": nproc} if nproc else None)
 
 
 @train_app.command("sft", help="Supervised fine-tuning on chat data (not built yet).")

@@ -22,9 +22,12 @@ class SlurmConfig(Section):
     gpus_per_node: int | None = Field(
         default=None, gt=0, description="GPUs requested per node (default: `nproc`)."
     )
-    cpus_per_task: int = Field(default=16, gt=0, description="CPU cores per node (one torchrun task per node).")
+    cpus_per_task: int = Field(
+        default=16, gt=0, description="CPU cores per node (one torchrun task per node)."
+    )
     extra_sbatch: list[str] = Field(
-        default_factory=list, description="Extra `#SBATCH` lines, verbatim without the prefix (e.g. `--qos=high`)."
+        default_factory=list,
+        description="Extra `#SBATCH` lines, verbatim without the prefix (e.g. `--qos=high`).",
     )
     setup: list[str] = Field(
         default_factory=list,
@@ -71,19 +74,25 @@ class TrainSection(StageSection):
         default="skip", description="On a non-finite loss or gradient: skip that step, or stop the run."
     )
     max_skipped_steps: int = Field(
-        default=10, ge=0, description="With `nan_policy: skip`, stop when more than this many steps were skipped."
+        default=10,
+        ge=0,
+        description="With `nan_policy: skip`, stop when more than this many steps were skipped.",
     )
     launcher: Literal["none", "torchrun"] = Field(
         default="none", description="`torchrun` starts `nproc` processes (DDP/FSDP)."
     )
     nproc: int = Field(default=1, gt=0, description="Processes per node with the torchrun launcher.")
-    nnodes: int = Field(default=1, gt=0, description="Nodes (multi-node through torchrun rendezvous / Slurm).")
+    nnodes: int = Field(
+        default=1, gt=0, description="Nodes (multi-node through torchrun rendezvous / Slurm)."
+    )
     rdzv_endpoint: str | None = Field(
         default=None,
         description="`host:port` of the torchrun rendezvous for multi-node runs started by hand "
         "(the Slurm script sets it from the first node of the allocation).",
     )
-    strategy: Literal["ddp", "fsdp"] = Field(default="ddp", description="Data parallel (ddp) or sharded (fsdp).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="Data parallel (ddp) or sharded (fsdp)."
+    )
     tensorboard: bool = Field(default=False, description="Also write TensorBoard event files (if installed).")
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases logging.")
     slurm: SlurmConfig = Field(
@@ -146,4 +155,12 @@ class DistillSection(TrainSection):
 
 
 # keep these names importable for the root manifest
-__all__ = ["DistillSection", "LoraConfig", "PretrainSection", "SFTSection", "SlurmConfig", "TrainSection", "WandbConfig"]
+__all__ = [
+    "DistillSection",
+    "LoraConfig",
+    "PretrainSection",
+    "SFTSection",
+    "SlurmConfig",
+    "TrainSection",
+    "WandbConfig",
+]

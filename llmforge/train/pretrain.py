@@ -1,0 +1,37 @@
+"""The pretraining objective: next-token cross-entropy on packed token windows.
+
+    L = -(1/N) Σ_t log p_θ(x_{t+1} | x_{≤t})     over the N target positions whose label is not -100
+
+The loss function is model-agnostic: it accepts a model that returns logits (llmforge's ``Llama``) or an
+object with ``.logits`` (``transformers``), so the benchmark can run both through the same loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .loop import LossOutput
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    """Mean next-token cross-entropy; ``batch["labels"]`` are the inputs shifted by one (-100 = ignored).
+
+    The mean divides by ``max(N, 1)`` so a micro-batch with no target gives 0 instead of NaN; its weight is
+    0, so it does not count in the step's token-normalised loss.
+    """
+    out = model(batch["input_ids"])
+    logits = getattr(out, "logits", out)
+    labels = batch["labels"]
+    # fp32 softmax: bf16 log-probabilities over a large vocabulary lose the small differences that matter
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    n = (labels != IGNORE_INDEX).sum()
+    return LossOutput(loss=loss_sum / n.clamp(min=1), weight=n)
