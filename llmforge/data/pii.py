@@ -7,19 +7,24 @@ Kinds and what each detector accepts (``KINDS``; placeholders in ``PLACEHOLDERS`
 
 * ``email``       — ``local@domain.tld``: plus-addressing, sub-domains, unicode / ``xn--`` domains. Not
   ``user@localhost`` (no dot), not ``@handles`` / decorators (no local part), not ``icon@2x.png`` assets,
-  not ``pkg@1.2.3`` (numeric "TLD").
+  not ``pkg@1.2.3`` (numeric "TLD"), not URL userinfo (``https://key@o1.sentry.io``) or scp/ssh targets
+  (``git@github.com:org/repo.git``). Inside ``<…>`` the rarer RFC 5322 characters are accepted, so VERP/SRS
+  bounce addresses (``<bounce-1-user=corp.com@mailer.net>``) match whole.
 * ``phone``       — international (``+44 20 7946 0958``, ``+14155552671``, ``0044 …``), North American
   (``(555) 123-4567``, ``555.123.4567``, ``1-800-555-0199``) and trunk-0 national numbers
   (``020 7946 0958``, ``06 12 34 56 78``). A number must *look* like a phone: a ``+``/``00`` prefix, or the
   3-3-4 NANP grouping, or a leading 0 with at least two groups of ≥ 2 digits. Plain digit runs (order ids,
   timestamps, EANs), dates, versions, ISBNs, numbers glued to words, ``#``, ``/`` or ``.``, numbers after a
   label such as ``SKU``/``P/N``/``Order no.``, and digits continuing a code (``1Z 21L YG6 06 3969 6871``)
-  are rejected. National formats without a trunk 0 (e.g. Brazil's ``(11) 91234-5678``) need their ``+CC``.
+  are rejected. Without a trunk 0 we also accept a parenthesised 2-digit area code (Brazil/Mexico
+  ``(11) 91234-5678``), Australian ``1300``/``1800`` numbers, and an unformatted 10–11 digit run right after
+  a phone label (``Tel:``, ``my cell is``, ``contact no.``).
 * ``ipv4`` / ``ipv6`` — globally routable addresses only (``ipaddress.is_global``; for IPv6 also inside
   2000::/3, the only block handed out as global unicast, which rejects hex words such as ``cafe::face``):
   private, loopback, link-local, multicast, reserved and documentation ranges are not personal data.
-  ``::ffff:a.b.c.d`` is judged by its IPv4 address. Dotted quads that follow ``v``/``version``/``==`` or a
-  ``product/`` token are versions. MAC addresses are *not* reported: they identify devices rather than
+  ``::ffff:a.b.c.d`` is judged by its IPv4 address. Dotted quads that follow ``v``/``version``/``==``/
+  ``section``/``§`` or a ``product/`` token are versions, and so is the quad joined to one by ``to``/``-``/``,``
+  (``from version 2.1.0.15 to 2.1.0.17``). MAC addresses are *not* reported: they identify devices rather than
   people in web text, and their ``aa:bb:cc:dd:ee:ff`` shape is shared by hex dumps and serials.
 * ``credit_card`` — 13–19 digits, plain or grouped with one consistent space/dash separator (4-4-4-4[-3],
   Amex 4-6-5, Diners 4-6-4), a known issuer prefix with its allowed lengths, and a valid Luhn check digit.
@@ -35,7 +40,9 @@ Kinds and what each detector accepts (``KINDS``; placeholders in ``PLACEHOLDERS`
   text reads ``Authorization: Bearer <SECRET>``), quoted values assigned to identifiers ending in a
   credential name (``api_key``, ``db_password``, ``client_secret``, ``auth_token`` …; placeholders like
   ``YOUR_API_KEY`` or ``${VAR}`` are skipped), and whole PEM ``PRIVATE KEY`` blocks (to the END line, or
-  to the end of the base64 body when the block is truncated). Public keys and certificates are not secrets.
+  to the end of the base64 body when the block is truncated), and passwords in URL userinfo
+  (``postgres://app:<SECRET>@db/prod``). Public keys and certificates are not secrets; documentation fillers
+  with a run of 8 identical characters (``ghp_xxxx…``, ``T00000000``) are skipped.
 
 Overlaps are resolved by priority (``secret > email > iban > credit_card > ssn > ipv6 > ipv4 > phone``), then
 by the longer span, so one character is never claimed twice.
@@ -116,8 +123,12 @@ def _iter_regions(pattern: re.Pattern[str], scan: _Scan) -> Iterator[re.Match[st
     """``pattern.finditer`` restricted to the numeric clusters of ``scan.text`` (see ``_Scan``)."""
     text = scan.text
     last = -1
-    for pos, endpos in scan.regions:
+    for pos, stop, endpos in scan.regions:
         for m in pattern.finditer(text, pos, endpos):
+            if m.start() >= stop:
+                # A match starting in the padding is a truncated prefix of the *next* cluster (`…6789; 022-…`):
+                # yielding it would shadow that cluster's real match.
+                break
             if m.start() >= last:  # padded regions can touch; never yield a span twice
                 last = m.end()
                 yield m
@@ -171,11 +182,40 @@ def _find_email(text: str, _: _Scan) -> list[tuple[int, int]]:
                 m
                 and _email_domain_ok(m.group(1), m.group(2))
                 and (start == 0 or not _glued_left(text[start - 1]))
+                and not _url_userinfo(text, start)
+                and not _scp_target(text, m.end())
             ):
+                if m.end() < n and text[m.end()] == ">":
+                    start = _bracketed_start(text, start, at)
                 out.append((start, m.end()))
                 nxt = m.end()
         at = text.find("@", nxt)
     return out
+
+
+_USERINFO_BEFORE = re.compile(r"://(?:[^\s/@:]*:)?\Z")
+
+
+# Inside `<…>` (mail headers, MTA logs) the address is explicitly delimited, so the rarer RFC 5322 local-part
+# characters are safe there: VERP/SRS bounce addresses such as `<bounce-12-user=corp.com@mailer.net>`.
+_EMAIL_ATEXT = _EMAIL_LOCAL | frozenset("!#$&'*/=?^`{|}~")
+
+
+def _bracketed_start(text: str, start: int, at: int) -> int:
+    i = start
+    while i > 0 and at - i < 64 and text[i - 1] in _EMAIL_ATEXT:
+        i -= 1
+    return i if i < start and i > 0 and text[i - 1] == "<" else start
+
+
+def _url_userinfo(text: str, start: int) -> bool:
+    """`https://key@o1.ingest.sentry.io`, `https://user:pw@host.org`: the userinfo of a URL, not a mailbox."""
+    return start >= 3 and _USERINFO_BEFORE.search(text, max(0, start - 80), start) is not None
+
+
+def _scp_target(text: str, end: int) -> bool:
+    """`git@github.com:org/repo.git`, `deploy@host.example.com:/srv`: an scp/ssh target, not an address."""
+    return end + 1 < len(text) and text[end] == ":" and (text[end + 1].isalnum() or text[end + 1] in "/~")
 
 
 def _glued_left(ch: str) -> bool:
@@ -203,7 +243,11 @@ _PHONE_RUN = re.compile(
     + _SP
     + r"?|"
     + _SP
-    + r"|/|"
+    + r"|"
+    + _SP
+    + r"?/"
+    + _SP
+    + r"?|"
     + _SP
     + r"?\(\d{1,5}\)"
     + _SP
@@ -230,6 +274,16 @@ _CODE_BEFORE = re.compile(
 def _code_before(text: str, start: int) -> bool:
     """`ZZ20 4251 5889 …`: digits right after a code token belong to that code, not to a card or phone."""
     return _CODE_BEFORE.search(text, max(0, start - 40), start) is not None
+
+
+# A label that says the next number is a phone (`Tel:`, `my cell is`, `contact no.`): trusted for unformatted
+# digit runs (`4155550173`) that carry no phone shape of their own.
+_PHONE_LABEL = re.compile(
+    r"(?:\b(?:tel(?:ephone)?|phone|ph|mob(?:ile)?|cell(?:phone)?|handy|whats[ -]?app|fax|call|text|sms)"
+    r"|\bcontact(?: no\.?| number| #)?)"
+    r"(?:[ \t]+(?:no\.?|number|#))?(?:[ \t]+(?:is|me|us|at|on)){0,2}[ \t]*[:#.]?[ \t]*\Z",
+    re.I,
+)
 
 
 def _find_phone(text: str, scan: _Scan) -> list[tuple[int, int]]:
@@ -265,14 +319,22 @@ def _find_phone(text: str, scan: _Scan) -> list[tuple[int, int]]:
         if _DATE_PREFIX.match(cand.lstrip("+")):
             continue
         # Shape first (cheap), then the context look-backs.
-        if not _phone_ok(_DIGIT_GROUPS.findall(cand), intl, cand):
-            continue
-        if _NOT_PHONE_LABEL.search(text, max(0, start - 24), start):
+        groups = _DIGIT_GROUPS.findall(cand)
+        if not _phone_ok(groups, intl, cand):
+            if not _labelled_phone(groups, intl) or not _PHONE_LABEL.search(text, max(0, start - 24), start):
+                continue
+        elif _NOT_PHONE_LABEL.search(text, max(0, start - 24), start):
             continue  # `P/N 0931-0152-34`, `Order no. 020 …`: a labelled code, whatever its shape
         if _CODE_BEFORE.search(text, max(0, start - 40), start):
             continue  # `1Z 21L YG6 06 3969 6871`: the tail of a tracking or serial code
         out.append((start, end))
     return out
+
+
+def _labelled_phone(groups: list[str], intl: bool) -> bool:
+    """Digit count of a national number written as one run (`4155550173`, `9876543210`) after a phone label."""
+    nd = sum(len(g) for g in groups)
+    return not intl and len(groups) == 1 and 10 <= nd <= 11
 
 
 def _phone_ok(groups: list[str], intl: bool, cand: str) -> bool:
@@ -288,6 +350,12 @@ def _phone_ok(groups: list[str], intl: bool, cand: str) -> bool:
     if groups[0] == "1" and len(groups) == 4:  # `1-800-555-0199`
         lens = lens[1:]
         digits = digits[1:]
+    if cand[0] == "(" and lens in ([2, 4, 4], [2, 5, 4]) and digits[0] != "0" and cand[3] == ")":
+        # Two-digit area code in parentheses without a trunk 0: Brazil `(11) 91234-5678`, Mexico
+        # `(55) 1234 5678`, Argentina.
+        return True
+    if lens == [4, 3, 3] and digits[:4] in ("1300", "1800"):
+        return True  # Australian local-rate / toll-free `1300 123 456`
     if lens == [3, 3, 4] and digits[0] != "0":
         # NANP: an area code never starts with 0 or 1. (Exchanges cannot either, but fictional numbers such
         # as `(555) 123-4567` are written that way and are what people paste as examples of their number.)
@@ -308,26 +376,35 @@ def _phone_ok(groups: list[str], intl: bool, cand: str) -> bool:
 
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?!\w|\.\d)")
 _VERSION_BEFORE = re.compile(
-    r"(?:\bv|\bver\.?|\bversion|\brelease|\bbuild|\bfirmware|\bOID|==|>=|<=|~=|\^|~|[A-Za-z]/)[ \t]*[:=]?[ \t]*\Z",
+    r"(?:\bv|\bver\.?|\bversions?|\brelease|\bbuild|\bfirmware|\bOID|\bsection|\bsec\.|§|\bchapter|\bclause"
+    r"|\bappendix|==|>=|<=|~=|\^|~|[A-Za-z]/)[ \t]*[:=]?[ \t]*\Z",
     re.I,
 )
 
 
+# `from version 2.1.0.15 to 2.1.0.17`, `v1.2.3.4 – 1.2.3.9`: the quad right after a version is one too.
+_VERSION_JOIN = re.compile(r"[ \t]*(?:to|and|or|->|→|–|-|,|/)[ \t]*\Z")
+
+
 def _find_ipv4(text: str, scan: _Scan) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
+    version_end = -1  # end of the last quad read as a version
     for m in _iter_regions(_IPV4, scan):
         start, end = m.span()
         if end < len(text) and text[end] == "." and end + 1 < len(text) and text[end + 1].isdigit():
             continue  # `1.2.3.4.5`: OIDs and long versions
         if start > 0 and text[start - 1] in "<>":
             continue
+        if _VERSION_BEFORE.search(text, max(0, start - 16), start) or (
+            0 <= version_end <= start <= version_end + 6 and _VERSION_JOIN.match(text, version_end, start)
+        ):
+            version_end = end
+            continue
         try:
             addr = ipaddress.IPv4Address(m.group())
         except ValueError:
             continue  # octet > 255 or a leading zero
         if not addr.is_global or addr.is_multicast:
-            continue
-        if _VERSION_BEFORE.search(text, max(0, start - 16), start):
             continue
         out.append((start, end))
     return out
@@ -587,6 +664,18 @@ def _real_value(s: str) -> bool:
     return _mixed(s) and not any(w in low for w in _PLACEHOLDER_WORDS) and "${" not in s and "{{" not in s
 
 
+_FILLER_RUN = re.compile(r"([A-Za-z0-9])\1{7}")
+
+
+def _not_filler(s: str) -> bool:
+    """`ghp_xxxx…x`, `…/T00000000/B00000000/XXXX…`: documentation fillers have long runs of one character."""
+    return _FILLER_RUN.search(s) is None
+
+
+def _token_ok(s: str) -> bool:
+    return _mixed(s) and _not_filler(s)
+
+
 def _basic_credentials(s: str) -> bool:
     """HTTP Basic values are base64 of `user:password`; decoding tells them apart from prose."""
     try:
@@ -609,7 +698,7 @@ _SECRET_RULES: tuple[_SecretRule, ...] = (
         ("AKIA", "ASIA"),
         re.compile(r"A(?<![A-Za-z0-9]A)(?:KIA|SIA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
         0,
-        None,
+        _not_filler,
     ),
     # AWS secret access keys are 40 base64 chars with no prefix: only trusted next to their name.
     (
@@ -625,22 +714,22 @@ _SECRET_RULES: tuple[_SecretRule, ...] = (
         ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
         re.compile(r"g(?<![\w]g)(?:h[pousr]_[A-Za-z0-9]{36,251}|ithub_pat_\w{22,242})(?!\w)"),
         0,
-        None,
+        _not_filler,
     ),
-    (("xox",), re.compile(r"xox(?<![\w]xox)[abposre]-[A-Za-z0-9\-]{10,250}"), 0, _mixed),
+    (("xox",), re.compile(r"xox(?<![\w]xox)[abposre]-[A-Za-z0-9\-]{10,250}"), 0, _token_ok),
     (
         ("hooks.slack.com",),
         re.compile(r"https://hooks\.slack\.com/services/T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/[A-Za-z0-9]{16,}"),
         0,
-        None,
+        _not_filler,
     ),
     (
         ("k_live_", "k_test_"),
         re.compile(r"[sr]k_(?<![\w][sr]k_)(?:live|test)_[A-Za-z0-9]{16,247}(?!\w)"),
         0,
-        _mixed,
+        _token_ok,
     ),
-    (("AIza",), re.compile(r"AIza(?<![\w\-]AIza)" + _B64URL + r"{35}(?![A-Za-z0-9_\-])"), 0, None),
+    (("AIza",), re.compile(r"AIza(?<![\w\-]AIza)" + _B64URL + r"{35}(?![A-Za-z0-9_\-])"), 0, _not_filler),
     (("sk-",), re.compile(r"sk-(?<![\w\-]sk-)[A-Za-z0-9_\-]{20,200}(?![A-Za-z0-9_\-])"), 0, _openai_ok),
     (
         ("eyJ",),
@@ -648,6 +737,9 @@ _SECRET_RULES: tuple[_SecretRule, ...] = (
         0,
         None,
     ),
+    # Passwords in URL userinfo: `postgres://app:s3cret@db:5432/prod`, `https://user:tok3n@host/` (only the
+    # password is redacted; `${DB_PASSWORD}` / `password` placeholders are skipped).
+    (("://",), re.compile(r"://[^\s/@:]{0,64}:([^\s/@:]{3,128})@(?=[\w\[])"), 1, _real_value),
     # HTTP auth header values (the scheme word stays readable: `Authorization: Bearer <SECRET>`).
     (
         ("earer", "EARER"),
@@ -788,13 +880,16 @@ class _Scan:
 
     def __init__(self, text: str):
         self.text = text
-        self._regions: list[tuple[int, int]] | None = None
+        self._regions: list[tuple[int, int, int]] | None = None
 
     @property
-    def regions(self) -> list[tuple[int, int]]:
+    def regions(self) -> list[tuple[int, int, int]]:
+        """``(start, end, padded end)`` of each cluster; matches may run into the padding, not start there."""
         if self._regions is None:
             n = len(self.text)
-            self._regions = [(m.start(), min(n, m.end() + 3)) for m in _NUMERIC_CLUSTER.finditer(self.text)]
+            self._regions = [
+                (m.start(), m.end(), min(n, m.end() + 3)) for m in _NUMERIC_CLUSTER.finditer(self.text)
+            ]
         return self._regions
 
 
