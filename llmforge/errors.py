@@ -52,12 +52,12 @@ class MissingDependencyError(LLMForgeError):
 
     exit_code = 2
 
-    def __init__(self, package: str, extra: str, purpose: str):
+    def __init__(self, package: str, extra: str, purpose: str, hint: str | None = None):
         self.package = package
         self.extra = extra
         super().__init__(
             f"{purpose} needs the '{package}' package, which is not installed. "
-            f"Install it with: pip install 'llmforge[{extra}]'"
+            f"Install it with: {hint or f'pip install {chr(39)}llmforge[{extra}]{chr(39)}'}"
         )
 
 

@@ -40,35 +40,54 @@ class GopherQualityConfig(Section):
     min_avg_word_length: float = Field(default=3, ge=0, description="Minimum mean word length.")
     max_avg_word_length: float = Field(default=10, gt=0, description="Maximum mean word length.")
     max_symbol_word_ratio: float = Field(default=0.1, ge=0, description="Max ratio of '#'/'...' to words.")
-    max_bullet_lines_ratio: float = Field(default=0.9, ge=0, le=1, description="Max fraction of bullet lines.")
-    max_ellipsis_lines_ratio: float = Field(default=0.3, ge=0, le=1, description="Max fraction of lines ending in '...'.")
+    max_bullet_lines_ratio: float = Field(
+        default=0.9, ge=0, le=1, description="Max fraction of bullet lines."
+    )
+    max_ellipsis_lines_ratio: float = Field(
+        default=0.3, ge=0, le=1, description="Max fraction of lines ending in '...'."
+    )
     max_non_alpha_words_ratio: float = Field(
-        default=0.8, ge=0, le=1, description="Min fraction of words with an alphabetic character (datatrove naming)."
+        default=0.8,
+        ge=0,
+        le=1,
+        description="Min fraction of words with an alphabetic character (datatrove naming).",
     )
     min_stop_words: int = Field(default=2, ge=0, description="Minimum English stop words present.")
 
 
 class GopherRepetitionConfig(Section):
-    enabled: bool = Field(default=True, description="Gopher repetition rules (duplicate lines/paragraphs/n-grams).")
+    enabled: bool = Field(
+        default=True, description="Gopher repetition rules (duplicate lines/paragraphs/n-grams)."
+    )
 
 
 class C4Config(Section):
     enabled: bool = Field(default=True, description="C4-style line and document rules (no bad-word list).")
-    filter_no_terminal_punct: bool = Field(default=False, description="Drop lines without terminal punctuation.")
+    filter_no_terminal_punct: bool = Field(
+        default=False, description="Drop lines without terminal punctuation."
+    )
     min_num_sentences: int = Field(default=3, ge=0, description="Drop documents with fewer sentences.")
     min_words_per_line: int = Field(default=3, ge=0, description="Drop lines with fewer words.")
 
 
 class FineWebConfig(Section):
-    enabled: bool = Field(default=True, description="FineWeb quality rules (line punctuation, short lines, dup chars).")
-    line_punct_thr: float = Field(default=0.12, ge=0, le=1, description="Min fraction of lines ending in punctuation.")
+    enabled: bool = Field(
+        default=True, description="FineWeb quality rules (line punctuation, short lines, dup chars)."
+    )
+    line_punct_thr: float = Field(
+        default=0.12, ge=0, le=1, description="Min fraction of lines ending in punctuation."
+    )
     short_line_thr: float = Field(default=0.67, ge=0, le=1, description="Max fraction of short lines.")
-    char_duplicates_ratio: float = Field(default=0.01, ge=0, le=1, description="Max fraction of duplicated line chars.")
+    char_duplicates_ratio: float = Field(
+        default=0.01, ge=0, le=1, description="Max fraction of duplicated line chars."
+    )
     new_line_ratio: float = Field(default=0.3, ge=0, le=1, description="Max ratio of newlines to words.")
 
 
 class QualityConfig(Section):
-    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig, description="Gopher quality filter.")
+    gopher_quality: GopherQualityConfig = Field(
+        default_factory=GopherQualityConfig, description="Gopher quality filter."
+    )
     gopher_repetition: GopherRepetitionConfig = Field(
         default_factory=GopherRepetitionConfig, description="Gopher repetition filter."
     )
@@ -79,7 +98,9 @@ class QualityConfig(Section):
 class PIIConfig(Section):
     enabled: bool = Field(default=True, description="Scan every document for personal data and secrets.")
     email: PIIAction = Field(default="redact", description="E-mail addresses → `<EMAIL>`.")
-    phone: PIIAction = Field(default="redact", description="Phone numbers (international formats) → `<PHONE>`.")
+    phone: PIIAction = Field(
+        default="redact", description="Phone numbers (international formats) → `<PHONE>`."
+    )
     ipv4: PIIAction = Field(default="redact", description="Public IPv4 addresses → `<IP_ADDRESS>`.")
     ipv6: PIIAction = Field(default="redact", description="Public IPv6 addresses → `<IP_ADDRESS>`.")
     credit_card: PIIAction = Field(default="redact", description="Luhn-valid card numbers → `<CREDIT_CARD>`.")
@@ -99,15 +120,43 @@ class MinHashConfig(Section):
 
 
 class DedupConfig(Section):
-    exact: bool = Field(default=True, description="Drop documents whose normalised text is an exact duplicate.")
+    exact: bool = Field(
+        default=True, description="Drop documents whose normalised text is an exact duplicate."
+    )
     minhash: MinHashConfig = Field(default_factory=MinHashConfig, description="Near-duplicate removal.")
 
 
 class SlurmConfig(Section):
-    partition: str | None = Field(default=None, description="Slurm partition for data jobs.")
+    partition: str | None = Field(
+        default=None, description="Slurm partition for data jobs (required when `data.executor` is `slurm`)."
+    )
     time: str = Field(default="04:00:00", description="Slurm time limit per job.")
     cpus_per_task: int = Field(default=1, gt=0, description="CPUs per Slurm task.")
     mem_per_cpu_gb: float = Field(default=2, gt=0, description="Memory per CPU, GiB.")
+    qos: str | None = Field(default=None, description="Slurm QOS (`--qos`); unset = the cluster default.")
+    env_command: str | None = Field(
+        default=None,
+        description="Shell line run at the start of every job to activate the Python environment "
+        "(e.g. `source /shared/venv/bin/activate`). Unset = the jobs inherit the submitting shell's PATH.",
+    )
+    job_name: str = Field(
+        default="llmforge-data", description="Prefix of the Slurm job names (one job per pass)."
+    )
+    poll_s: float = Field(
+        default=30,
+        gt=0,
+        description="How often the stage checks the jobs' completion markers while it waits.",
+    )
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster to connect to (`ray.init(address=...)`, e.g. `auto` or `ray://head:10001`). "
+        "Unset = connect to an already-initialised Ray, or start a local one.",
+    )
+    cpus_per_task: int = Field(default=1, gt=0, description="CPUs Ray reserves per task.")
+    mem_per_cpu_gb: float = Field(default=2, gt=0, description="Memory Ray reserves per CPU, GiB.")
 
 
 class DataSection(StageSection):
@@ -122,6 +171,13 @@ class DataSection(StageSection):
     tasks: int = Field(default=2, gt=0, description="Parallel tasks the input is split into.")
     workers: int = Field(default=2, gt=0, description="Tasks run at once (local executor).")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Settings for `executor: slurm`.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Settings for `executor: ray`.")
+    start_method: Literal["fork", "forkserver", "spawn"] = Field(
+        default="fork",
+        description="How the local executor starts worker processes. `fork` shares the already-imported "
+        "spaCy/trafilatura with the workers (seconds faster per pass); use `forkserver` if a library in your "
+        "environment is not fork-safe.",
+    )
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="HTML text extraction.")
     fix_unicode: bool = Field(default=True, description="Repair mojibake and odd Unicode with ftfy.")
     language: LanguageConfig = Field(default_factory=LanguageConfig, description="Language identification.")
@@ -129,6 +185,9 @@ class DataSection(StageSection):
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII and secret scrubbing, per kind.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     max_file_size_mb: int = Field(default=256, gt=0, description="Rotate output shards at this size (MiB).")
+    samples: int = Field(
+        default=3, ge=0, le=50, description="Before/after document samples shown in the report and summary."
+    )
     output_dir: Path | None = Field(
         default=None, description="Override where the cleaned JSONL.gz shards go (default runs/data/output)."
     )
@@ -137,4 +196,11 @@ class DataSection(StageSection):
     def _check(self):
         if self.workers > self.tasks:
             self.__dict__["workers"] = self.tasks
+        if self.executor == "slurm" and not self.slurm.partition:
+            raise ValueError("`executor: slurm` needs `slurm.partition` (the partition the data jobs run on)")
+        if self.language.enabled and not self.language.languages:
+            raise ValueError(
+                "`language.languages` is empty: list the ISO 639-1 codes to keep, or set "
+                "`language.enabled: false`"
+            )
         return self

