@@ -8,8 +8,10 @@ newest ``keep_last``), ``final/`` (the HF directory of the last step, tokenizer 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,53 @@ def run_config(ctx: StageContext, model_config, index) -> dict[str, Any]:
             "vocab_size": index.vocab_size,
             "train_tokens": index.num_tokens("train"),
             "val_tokens": index.num_tokens("val"),
+            # content of the shards (and so of the tokenizer that made them), not just their size
+            "shards": _shards_fingerprint(index.root),
         },
     }
+
+
+def _shards_fingerprint(shards_dir: Path) -> str | None:
+    try:
+        raw = json.loads((Path(shards_dir) / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw.get("fingerprint") or raw.get("tokenizer_sha256")
+
+
+def set_aside_foreign_checkpoints(ckpt_root: Path, rc: dict[str, Any]) -> None:
+    """``resume: auto`` continues only an interrupted run of *this* configuration and data.
+
+    The stage re-runs when its config or inputs change (e.g. a new tokenizer); continuing from checkpoints of
+    the previous run would silently mix two runs, or crash on a changed vocabulary. So checkpoints whose
+    config hash differs are moved to ``checkpoints.previous/`` (replacing an older set) and training starts
+    fresh. To continue a different run on purpose, point ``pretrain.resume`` at one of its checkpoints.
+    """
+    from .checkpoint import config_hash, list_checkpoints, load_trainer_state
+
+    ckpts = list_checkpoints(ckpt_root)
+    if not ckpts:
+        return
+    newest = ckpts[-1][1]
+    try:
+        state = load_trainer_state(newest)
+    except Exception:  # unreadable: let the loop report it with its own message
+        return
+    if state.get("config_hash") == config_hash(rc):
+        return
+    from .checkpoint import config_diff
+
+    diffs = config_diff(state.get("config", {}), rc)
+    previous = ckpt_root.with_name("checkpoints.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    os.replace(ckpt_root, previous)
+    log.warning(
+        "the checkpoints in %s belong to a different run (%s): starting fresh; they are kept in %s. "
+        "To continue that run deliberately, set pretrain.resume to one of its checkpoint folders.",
+        ckpt_root,
+        "; ".join(diffs[:4]) or "config differs",
+        previous,
+    )
 
 
 def run_pretrain(ctx: StageContext) -> StageResult:
@@ -165,6 +212,11 @@ def _train_here(ctx: StageContext) -> StageResult:
     resume: str | Path = cfg.resume
     if resume not in ("auto", "false"):
         resume = ctx.resolve(resume)
+    rc = run_config(ctx, config, index)
+    if resume == "auto":
+        if env.is_main:
+            set_aside_foreign_checkpoints(ctx.out_dir / "checkpoints", rc)
+        dist.barrier()
     result = train(
         model,
         objective,
@@ -173,7 +225,7 @@ def _train_here(ctx: StageContext) -> StageResult:
         device=device,
         seed=project.seed,
         model_io=HFModelIO(config, tokenizer_dir),
-        run_config=run_config(ctx, config, index),
+        run_config=rc,
         resume=resume,
         description="pretrain",
         env=env,

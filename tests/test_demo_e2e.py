@@ -1,0 +1,85 @@
+"""The Quickstart, end to end: `llmforge init demo && cd demo && llmforge run` on the tiny template.
+
+This is the check a new user does first, so it runs the real stages (datatrove, sentencepiece, the training
+loop) on the bundled corpus, with a shortened pretraining run to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+from pathlib import Path
+
+import pytest
+
+from llmforge.cli.app import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# Same overrides on every call: overrides are part of the fingerprint.
+FAST = ["pretrain.max_steps=12", "pretrain.warmup_steps=2", "pretrain.eval_every=6", "pretrain.save_every=6"]
+
+
+def cli(args: list[str], cwd: Path, capsys) -> tuple[int, str, str]:
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+    finally:
+        os.chdir(old)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+@pytest.mark.slow
+def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, _, err = cli(["init", "demo"], tmp_path, capsys)
+    assert code == 0, err
+    demo = tmp_path / "demo"
+    assert cli(["validate"], demo, capsys)[0] == 0
+
+    code, out, err = cli(["run", *FAST], demo, capsys)
+    assert code == 0, out + err
+    assert "3 stage(s) ran, 0 cached" in out
+
+    # Second run: everything cached.
+    code, out, err = cli(["run", *FAST], demo, capsys)
+    assert code == 0 and "0 stage(s) ran, 3 cached" in out, out + err
+
+    # Editing one section re-runs that stage and the ones after it only.
+    manifest = demo / "llmforge.yaml"
+    manifest.write_text(manifest.read_text().replace("vocab_size: 1024", "vocab_size: 900"))
+    code, out, err = cli(["run", *FAST], demo, capsys)
+    assert code == 0, out + err
+    assert "2 stage(s) ran, 1 cached" in out
+    assert "data cached" in out and "config changed: tokenizer.vocab_size" in out
+    # pretrain re-ran from scratch on the new tokenizer: the old run's checkpoints were set aside, not resumed.
+    assert (demo / "runs" / "pretrain" / "checkpoints.previous").is_dir()
+    assert "belong to a different run" in err
+
+    code, out, _ = cli(["status", "--json", *FAST], demo, capsys)
+    states = {r["stage"]: r["state"] for r in json.loads(out)}
+    assert states["data"] == states["tokenizer"] == states["pretrain"] == "done"
+
+    code, out, _ = cli(["lineage", "--json", "runs/pretrain/final"], demo, capsys)
+    tree = json.loads(out)
+    assert tree["stage"] == "pretrain" and tree["inputs"][0]["stage"] == "tokenizer"
+    assert tree["inputs"][0]["inputs"][0]["stage"] == "data"
+    assert "corpus" in tree["inputs"][0]["inputs"][0]["external_inputs"]
+
+    # The model directory is a Hugging Face checkpoint with the project's tokenizer and chat template.
+    transformers = pytest.importorskip("transformers")
+    final = demo / "runs" / "pretrain" / "final"
+    model = transformers.AutoModelForCausalLM.from_pretrained(final)
+    tok = transformers.AutoTokenizer.from_pretrained(final)
+    assert model.config.vocab_size >= len(tok)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n")
+
+    # The Python-API example runs against the same project (all cached) and samples text.
+    ns = runpy.run_path(str(ROOT / "examples" / "python_api.py"))
+    text = ns["main"](str(demo), *FAST)
+    assert text.startswith("The river") and len(text) > len("The river")
+    assert "cached" in capsys.readouterr().out
