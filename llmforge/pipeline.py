@@ -67,6 +67,7 @@ class StageSpec:
     toggle: str = ""  # manifest section whose `enabled` switches the stage (default: sections[-1])
     external_inputs: Callable[[LoadedManifest], list[Path]] = _no_external
     command: str = ""  # the CLI command that runs this stage alone
+    key_metrics: tuple[str, ...] = ()  # shown by `llmforge status` (default: the first few metrics)
 
     @property
     def built(self) -> bool:
@@ -108,6 +109,7 @@ STAGES: tuple[StageSpec, ...] = (
         "llmforge.data.crawl:run_crawl",
         "crawl seed URLs politely into WARC files",
         command="llmforge data crawl",
+        key_metrics=("pages_stored", "requests", "pages_per_s"),
     ),
     StageSpec(
         "data",
@@ -117,6 +119,7 @@ STAGES: tuple[StageSpec, ...] = (
         "extract, filter, scrub PII, deduplicate → JSONL.gz corpus",
         external_inputs=_data_inputs,
         command="llmforge data process",
+        key_metrics=("docs_in", "docs_out", "duplicates_removed"),
     ),
     StageSpec(
         "tokenizer",
@@ -126,6 +129,7 @@ STAGES: tuple[StageSpec, ...] = (
         "train/export the tokenizer and chat template, tokenize the corpus into shards",
         external_inputs=_tokenizer_inputs,
         command="llmforge train tokenizer",
+        key_metrics=("vocab_size", "bytes_per_token", "train_tokens"),
     ),
     StageSpec(
         "pretrain",
@@ -135,6 +139,7 @@ STAGES: tuple[StageSpec, ...] = (
         "pretrain (or continue training) the Llama-architecture model",
         external_inputs=_model_inputs,
         command="llmforge train pretrain",
+        key_metrics=("val_loss", "val_ppl", "tokens_per_s"),
     ),
     StageSpec(
         "sft",
@@ -384,12 +389,15 @@ def why_stale(loaded: LoadedManifest, fp: Fingerprint, lineage: dict | None, has
 
 @dataclass
 class StageStatus:
+    """One row of `llmforge status`."""
+
     name: str
     state: str  # done | stale | never run | interrupted | failed | disabled | not built | waiting
     reason: str = ""
     enabled: bool = True
     built: bool = True
     lineage: dict | None = None
+    key_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def status(loaded: LoadedManifest, pipeline: Pipeline | None = None) -> list[StageStatus]:
@@ -402,6 +410,9 @@ def status(loaded: LoadedManifest, pipeline: Pipeline | None = None) -> list[Sta
         lineage = read_lineage(loaded, spec.name)
         sdir = stage_dir(loaded, spec.name)
         st = StageStatus(spec.name, "", enabled=enabled, built=spec.built, lineage=lineage)
+        metrics = (lineage or {}).get("metrics", {})
+        keys = [k for k in spec.key_metrics if k in metrics] or list(metrics)[:3]
+        st.key_metrics = {k: metrics[k] for k in keys}
         if not spec.built:
             st.state, st.reason = "not built", f"not in llmforge {__version__}"
             if enabled:

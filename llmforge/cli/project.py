@@ -232,8 +232,7 @@ def status(
         t.add_column(col)
     for r in rows:
         lin = r.lineage or {}
-        metrics = lin.get("metrics", {})
-        key = ", ".join(f"{k}={fmt_metric(v)}" for k, v in list(metrics.items())[:3])
+        key = ", ".join(f"{k}={fmt_metric(v)}" for k, v in r.key_metrics.items())
         t.add_row(
             r.name,
             f"[{_STATE_STYLE.get(r.state, '')}]{r.state}[/]",

@@ -222,7 +222,7 @@ def save_pretrained(
         _write_json(tmp / GENERATION_CONFIG_NAME, gen)
         for p in tok_files:
             shutil.copyfile(p, tmp / p.name)
-    log.info("saved %s (%d tensors, %d shard(s), %s)", out, len(tensors), len(shards), dtype_name)
+    log.debug("saved %s (%d tensors, %d shard(s), %s)", out, len(tensors), len(shards), dtype_name)
     return out
 
 

@@ -297,7 +297,7 @@ def export_sentencepiece(
         source=source,
         model_bytes=data,
     )
-    log.info(
+    log.debug(
         "exported tokenizer (%d pieces, %d parity strings checked) to %s",
         sp.get_piece_size(),
         n_check,
