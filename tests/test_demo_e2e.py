@@ -78,8 +78,23 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat.endswith("<|im_start|>assistant\n")
 
+    # The checkpoint carries the tokenizer's stop ids, so transformers/vLLM stop at <|im_end|> like llmforge.
+    gen = json.loads((final / "generation_config.json").read_text())
+    tok_meta = json.loads((final / "llmforge_tokenizer.json").read_text())
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert set(gen["eos_token_id"]) == {tok.eos_token_id, im_end}
+    assert tok_meta
+
     # The Python-API example runs against the same project (all cached) and samples text.
     ns = runpy.run_path(str(ROOT / "examples" / "python_api.py"))
     text = ns["main"](str(demo), *FAST)
     assert text.startswith("The river") and len(text) > len("The river")
     assert "cached" in capsys.readouterr().out
+
+    # Shards made with other special ids than the tokenizer's are refused before training (a seam check).
+    index_path = demo / "runs" / "tokenizer" / "shards" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["eos_id"] = 0
+    index_path.write_text(json.dumps(index))
+    code, out, err = cli(["train", "pretrain", "--force", *FAST], demo, capsys)
+    assert code == 1 and "does not match the tokenizer" in err and "eos_id" in err

@@ -137,9 +137,12 @@ def train_pretrain(
         upstream = {"tokenizer": {k: loaded.resolve(v["path"]) for k, v in lin["outputs"].items()}}
         typer.echo(slurm_script(loaded, upstream=upstream))
         return
-    # --nproc is how many processes run it, not what is computed: it goes to the stage as an option, so it
-    # does not change the stage's fingerprint (pretrain.nproc in the manifest is the persistent setting).
-    _run_stage("pretrain", manifest, overrides, force, {"nproc": nproc} if nproc else None)
+    # batch_size is per process, so the process count sets the global batch: it is part of what is computed
+    # and goes in as a manifest override (fingerprint, lineage and resume hash all see it).
+    ov = only_overrides(overrides)
+    if nproc is not None:
+        ov = [*ov, f"pretrain.nproc={nproc}"] + (["pretrain.launcher=torchrun"] if nproc > 1 else [])
+    _run_stage("pretrain", manifest, ov, force)
 
 
 @train_app.command("sft", help="Supervised fine-tuning on chat data (not built yet).")

@@ -593,7 +593,7 @@ def run_plan(
 def _ray_init(cfg: DataSection) -> None:
     from ..errors import require
 
-    ray = require("ray", extra="data", purpose="`data.executor: ray`")
+    ray = require("ray", extra="ray", purpose="`data.executor: ray`")
     if not ray.is_initialized():
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, log_to_driver=False)

@@ -45,6 +45,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "tokenizer.model",
     "special_tokens_map.json",
+    "llmforge_tokenizer.json",  # llmforge's record of the special/chat token ids (TokenizerInfo)
     "added_tokens.json",
     "chat_template.jinja",  # transformers 5 stores the chat template beside tokenizer_config.json
     "chat_template.json",

@@ -17,7 +17,11 @@ Architectural choices (all as in Llama 2/3, and numerically as in ``transformers
 
 Logits come back in the model's dtype (float32 for a float32 model; bfloat16 under a bf16 model or autocast);
 losses should upcast (``F.cross_entropy`` on bf16 logits is accurate enough for monitoring but upcast for the
-gradient if it matters). ``KVCache`` is a static, preallocated per-layer K/V store for batched generation.
+gradient if it matters). For training, ``model(input_ids, labels=labels)`` returns the mean next-token
+cross-entropy instead, computed by ``linear_cross_entropy`` a chunk of rows at a time with the gradient formed
+in the same pass, so the [B, T, vocab] logits (and their log-softmax and gradient) are never materialised:
+less memory and memory traffic, the same loss and gradients. It sits inside ``forward`` so DDP/FSDP wrappers
+see it. ``KVCache`` is a static, preallocated per-layer K/V store for batched generation.
 """
 
 from __future__ import annotations
@@ -93,6 +97,125 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fused output projection + cross-entropy
+# ------------------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): big enough for efficient matmuls
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(256, _CHUNK_ELEMENTS // vocab)
+
+
+def _ce_chunk(
+    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, want_grad: bool
+):
+    """Σ CE and, if ``want_grad``, d(Σ CE)/d logits = softmax - onehot (rows of ignored targets included;
+    the caller zeroes them on the small side of the matmuls)."""
+    # fp32 log-softmax whatever the matmul dtype: bf16 log-probabilities over a large vocabulary lose the
+    # small differences that matter (what F.cross_entropy(logits.float()) does)
+    logp = torch.log_softmax(torch.mm(h, weight.t()).float(), dim=-1)
+    t = target[:, None]
+    loss = -(logp.gather(1, t).squeeze(1) * valid).sum()
+    if not want_grad:
+        return loss, None
+    grad = logp.exp_()  # in place: the log-probabilities are not needed any more
+    grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))
+    return loss, grad
+
+
+def _linear_ce(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    compute_dtype: torch.dtype,
+    need_h: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(Σ CE, d/dh, d/dweight) a chunk of rows at a time; h [N, hidden], weight [vocab, hidden], labels [N]."""
+    w = weight.to(compute_dtype)
+    valid = labels != IGNORE_INDEX
+    target = labels.masked_fill(~valid, 0)
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if need_h else None
+    # summed over chunks in fp32 even for a bf16 weight, then rounded once (as a single matmul would)
+    grad_w = (
+        torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_w else None
+    )
+    rows = _chunk_rows(weight.shape[0])
+    for s in range(0, h.shape[0], rows):
+        e = min(s + rows, h.shape[0])
+        hc, m = h[s:e].to(compute_dtype), valid[s:e]
+        loss_c, g = _ce_chunk(hc, w, target[s:e], m, need_h or need_w)
+        loss += loss_c
+        if g is None:
+            continue
+        g = g.to(compute_dtype)
+        m = m[:, None].to(compute_dtype)
+        if grad_h is not None:
+            grad_h[s:e] = torch.mm(g, w) * m
+        if grad_w is not None:  # ignored rows contribute nothing: zero them in h, [rows, hidden], not in g
+            if grad_w.dtype == compute_dtype:
+                grad_w.addmm_(g.t(), hc * m)
+            else:  # bf16 products summed in fp32
+                grad_w += torch.mm(g.t(), hc * m)
+    return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``_linear_ce`` as an autograd node: both gradients are formed in the forward pass, while the logits
+    chunk is at hand, and the backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, compute_dtype):
+        loss, grad_h, grad_w = _linear_ce(
+            h, weight, labels, compute_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # scaled in place: the buffers belong to this node alone, so it can be backpropagated through once
+        if ctx.used:
+            raise RuntimeError("linear_cross_entropy: backward through the same loss twice is not supported")
+        ctx.used = True
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h.mul_(grad_loss) if grad_h is not None else None,
+            grad_w.mul_(grad_loss) if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=-100, reduction="sum")`` without
+    the full logits.
+
+    h: [..., hidden] (the final-norm hidden states), weight: [vocab, hidden] (the output head), labels: [...].
+    Works a chunk of rows at a time: logits, fp32 log-softmax, loss, and — when gradients are needed — the
+    logit gradient ``softmax - onehot`` multiplied straight into the gradients of ``h`` and ``weight``, then
+    dropped. Peak extra memory is one chunk's logits instead of ~3 copies of [tokens, vocab] in fp32, and the
+    logits are never re-read from memory by separate log-softmax / NLL / backward kernels. The matmuls run
+    in the autocast dtype when autocast is on (as ``lm_head`` would); the softmax is always fp32.
+    """
+    h = h.reshape(-1, h.shape[-1])
+    labels = labels.reshape(-1)
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = h.dtype
+    with torch.autocast(device_type, enabled=False):
+        if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+            return _linear_ce(h, weight, labels, compute_dtype, need_h=False, need_w=False)[0]  # evaluation
+        return _LinearCrossEntropy.apply(h, weight, labels, compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -414,19 +537,27 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] in the model's dtype.
+        """Logits [B, T, vocab] in the model's dtype; with ``labels``, the mean cross-entropy instead.
 
         input_ids: LongTensor [B, T]. position_ids: [B, T], default: consecutive after the cached tokens (or
         derived from a 2-D ``attention_mask``). kv_cache: append this step's keys/values and attend to all
         cached ones. attention_mask: [B, cached + T] with 1 for real tokens and 0 for padding (combined with
         the causal mask), or a boolean [B, 1, T, cached + T] mask used as given (True = may attend).
+        labels: LongTensor [B, T], the target of each position, *already aligned* (``labels[:, t]`` is the
+        token that should follow ``input_ids[:, t]``; unlike transformers nothing is shifted here), -100 =
+        ignored. Returns a float32 scalar: the mean over the non-ignored targets (0 when there are none),
+        equal to ``F.cross_entropy(logits.float(), labels)`` but computed chunk-wise by
+        ``linear_cross_entropy`` without materialising the logits.
         """
-        return self.lm_head(
-            self.hidden_states(
-                input_ids, position_ids=position_ids, kv_cache=kv_cache, attention_mask=attention_mask
-            )
+        h = self.hidden_states(
+            input_ids, position_ids=position_ids, kv_cache=kv_cache, attention_mask=attention_mask
         )
+        if labels is None:
+            return self.lm_head(h)
+        loss_sum = linear_cross_entropy(h, self.lm_head.weight, labels)
+        return loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     @staticmethod
     def _attention_mask(

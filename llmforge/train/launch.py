@@ -111,7 +111,13 @@ def relaunch(ctx: StageContext, nproc: int) -> StageResult:
     for stale in [launch_dir / RESULT_FILE, *launch_dir.glob("error_rank*.json")]:
         stale.unlink(missing_ok=True)
     context = write_context(ctx, launch_dir / "context.json")
-    cmd = build_torchrun_command(context, nproc=nproc)
+    section = getattr(ctx.manifest, ctx.name)
+    cmd = build_torchrun_command(
+        context,
+        nproc=nproc,
+        nnodes=getattr(section, "nnodes", 1),
+        rdzv_endpoint=getattr(section, "rdzv_endpoint", None),
+    )
     env = dict(os.environ)
     # the children must import this very llmforge, installed or not
     pkg_root = str(Path(__file__).resolve().parents[2])

@@ -2,8 +2,10 @@
 
     L = -(1/N) Σ_t log p_θ(x_{t+1} | x_{≤t})     over the N target positions whose label is not -100
 
-The loss function is model-agnostic: it accepts a model that returns logits (llmforge's ``Llama``) or an
-object with ``.logits`` (``transformers``), so the benchmark can run both through the same loop.
+The loss function is model-agnostic: llmforge's ``Llama`` (bare, compiled, or wrapped in DDP/FSDP) computes
+it inside its forward (``model(input_ids, labels=labels)``: chunked output projection + cross-entropy, no
+[B, T, vocab] logits in memory); any other model returns logits or an object with ``.logits``
+(``transformers``) and the loss is taken on them, so the benchmark can run both through the same loop.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.llama import IGNORE_INDEX, Llama
 from .loop import LossOutput
 
-IGNORE_INDEX = -100
+
+def _computes_own_loss(model: nn.Module) -> bool:
+    """True for an llmforge ``Llama``, also under DDP (``.module``); FSDP2 and ``compile()`` keep the class."""
+    return isinstance(getattr(model, "module", model), Llama)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
@@ -23,9 +29,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutp
     The mean divides by ``max(N, 1)`` so a micro-batch with no target gives 0 instead of NaN; its weight is
     0, so it does not count in the step's token-normalised loss.
     """
+    labels = batch["labels"]
+    n = (labels != IGNORE_INDEX).sum()
+    if _computes_own_loss(model):
+        return LossOutput(loss=model(batch["input_ids"], labels=labels), weight=n)
     out = model(batch["input_ids"])
     logits = getattr(out, "logits", out)
-    labels = batch["labels"]
     # fp32 softmax: bf16 log-probabilities over a large vocabulary lose the small differences that matter
     loss_sum = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
@@ -33,5 +42,4 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutp
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    n = (labels != IGNORE_INDEX).sum()
     return LossOutput(loss=loss_sum / n.clamp(min=1), weight=n)

@@ -26,16 +26,18 @@ log = console.get_logger(__name__)
 # so that changing them does not trigger a "configuration differs" warning on resume
 _NON_SEMANTIC = (
     "enabled", "resume", "log_every", "save_every", "keep_last", "eval_every", "eval_batches",
-    "tensorboard", "wandb", "slurm", "launcher", "rdzv_endpoint", "compile",
+    "tensorboard", "wandb", "slurm", "launcher", "rdzv_endpoint", "compile", "strategy",
 )  # fmt: skip
 
 
 class HFModelIO:
     """``ModelIO`` writing checkpoints as Hugging Face directories that carry the tokenizer."""
 
-    def __init__(self, config, tokenizer_dir: Path | None):
+    def __init__(self, config, tokenizer_dir: Path | None, generation_config: dict | None = None):
         self.config = config
         self.tokenizer_dir = tokenizer_dir
+        # the tokenizer's stop ids (EOS and <|im_end|>), so transformers and vLLM stop where llmforge does
+        self.generation_config = generation_config
 
     def save(self, state_dict: dict, directory: Path) -> None:
         import torch
@@ -47,7 +49,9 @@ class HFModelIO:
         with torch.device("meta"):
             shell = Llama(self.config)
         load_hf_state_dict(shell, state_dict, source="training state")
-        save_pretrained(shell, directory, tokenizer_dir=self.tokenizer_dir)
+        save_pretrained(
+            shell, directory, tokenizer_dir=self.tokenizer_dir, generation_config=self.generation_config
+        )
 
     def load(self, directory: Path) -> dict:
         import torch
@@ -74,6 +78,32 @@ def run_config(ctx: StageContext, model_config, index) -> dict[str, Any]:
             "shards": _shards_fingerprint(index.root),
         },
     }
+
+
+def check_shards_match_tokenizer(shards_dir: Path, index, tokenizer_dir: Path):
+    """The shards must have been made by this tokenizer: same special ids and the same tokenizer.json.
+
+    A mismatch (e.g. shards copied from another project) would train on ids that mean something else to the
+    tokenizer shipped in the checkpoint, which nothing downstream could detect. It is an error, not a warning.
+    """
+    from ..tokenizer.info import load_tokenizer_info
+
+    info = load_tokenizer_info(tokenizer_dir)
+    where = str(Path(shards_dir) / "index.json")
+    info.check(where, eos_id=index.eos_id, bos_id=index.bos_id, vocab_size=index.vocab_size)
+    try:
+        raw = json.loads((Path(shards_dir) / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = {}
+    sha = raw.get("tokenizer_sha256")
+    if sha and info.sha256 and sha != info.sha256:
+        from ..errors import TokenizerError
+
+        raise TokenizerError(
+            f"{where} was tokenized with a different tokenizer.json (sha256 {sha[:12]}) than {tokenizer_dir} "
+            f"({info.sha256[:12]}); re-run `llmforge run --force tokenizer`"
+        )
+    return info
 
 
 def _shards_fingerprint(shards_dir: Path) -> str | None:
@@ -150,6 +180,7 @@ def _train_here(ctx: StageContext) -> StageResult:
     shards_dir = ctx.input("tokenizer", "shards")
     tokenizer_dir = ctx.input("tokenizer", "tokenizer")
     index = ShardIndex.load(shards_dir)
+    tok_info = check_shards_match_tokenizer(shards_dir, index, tokenizer_dir)
     config = config_from_manifest(
         m.model,
         index.vocab_size,
@@ -224,7 +255,7 @@ def _train_here(ctx: StageContext) -> StageResult:
         run_dir=ctx.out_dir,
         device=device,
         seed=project.seed,
-        model_io=HFModelIO(config, tokenizer_dir),
+        model_io=HFModelIO(config, tokenizer_dir, tok_info.generation_config()),
         run_config=rc,
         resume=resume,
         description="pretrain",

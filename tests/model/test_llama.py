@@ -113,3 +113,84 @@ def test_flops_per_token_formula():
     n_compute = m.num_parameters() - cfg.vocab_size * cfg.hidden_size  # the input embedding is a lookup
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 100
     assert m.flops_per_token(100) == 6 * n_compute + attn
+
+
+# -- fused output projection + cross-entropy (model(ids, labels=...)) --------------------------------------
+
+
+def _reference_loss_and_grads(m: Llama, ids: torch.Tensor, labels: torch.Tensor):
+    m.zero_grad(set_to_none=True)
+    logits = m(ids)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
+
+
+def _fused_loss_and_grads(m: Llama, ids: torch.Tensor, labels: torch.Tensor):
+    m.zero_grad(set_to_none=True)
+    loss = m(ids, labels=labels)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk_rows", [7, None])  # several chunks (one ragged) / the default single chunk
+def test_labels_loss_equals_full_cross_entropy_with_the_same_gradients(tied, chunk_rows, monkeypatch):
+    from llmforge.model import llama
+
+    if chunk_rows is not None:
+        monkeypatch.setattr(llama, "_chunk_rows", lambda vocab: chunk_rows)
+    torch.manual_seed(0)
+    m = randomize(Llama(tiny_config(tie_word_embeddings=tied))).train()
+    ids = torch.randint(0, 97, (3, 20))
+    labels = torch.randint(0, 97, (3, 20))
+    labels[0, :5] = -100  # prompt-style masking
+    labels[2, -1] = -100
+    ref_loss, ref_grads = _reference_loss_and_grads(m, ids, labels)
+    loss, grads = _fused_loss_and_grads(m, ids, labels)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_labels_loss_without_grad_and_with_no_targets():
+    torch.manual_seed(0)
+    m = randomize(Llama(tiny_config()))
+    ids = torch.randint(0, 97, (2, 12))
+    labels = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(m(ids).flatten(0, 1), labels.flatten())
+        torch.testing.assert_close(m(ids, labels=labels), expected)
+    # a micro-batch whose targets are all ignored: loss 0 (not NaN) and zero gradients
+    loss = m(ids, labels=torch.full_like(labels, -100))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert m.lm_head.weight.grad.abs().sum() == 0 and m.model.embed_tokens.weight.grad.abs().sum() == 0
+
+
+def test_labels_loss_scales_with_the_incoming_gradient_and_refuses_a_second_backward():
+    torch.manual_seed(0)
+    m = randomize(Llama(tiny_config()))
+    ids, labels = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    _, ref = _fused_loss_and_grads(m, ids, labels)
+    m.zero_grad(set_to_none=True)
+    loss = m(ids, labels=labels)
+    (loss * 3.0).backward(retain_graph=True)
+    torch.testing.assert_close(m.lm_head.weight.grad, 3.0 * ref["lm_head.weight"])
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_labels_loss_under_bf16_autocast_matches_the_logits_path():
+    torch.manual_seed(0)
+    m = randomize(Llama(tiny_config())).train()
+    ids, labels = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _reference_loss_and_grads(m, ids, labels)
+        loss, grads = _fused_loss_and_grads(m, ids, labels)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-3, rtol=1e-3)
+    for k in grads:
+        assert grads[k].dtype == torch.float32
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=2e-2, rtol=2e-2, msg=k)
