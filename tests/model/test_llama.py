@@ -121,7 +121,9 @@ def test_flops_per_token_formula():
 def _reference_loss_and_grads(m: Llama, ids: torch.Tensor, labels: torch.Tensor):
     m.zero_grad(set_to_none=True)
     logits = m(ids)
-    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100
+    )
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
 
