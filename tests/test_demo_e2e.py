@@ -75,7 +75,9 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
     model = transformers.AutoModelForCausalLM.from_pretrained(final)
     tok = transformers.AutoTokenizer.from_pretrained(final)
     assert model.config.vocab_size >= len(tok)
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|im_start|>assistant\n")
 
     # The checkpoint carries the tokenizer's stop ids, so transformers/vLLM stop at <|im_end|> like llmforge.
