@@ -176,6 +176,9 @@ class TrainerState:
     world_size: int
     scaler: dict[str, Any] | None = None
     objective: str = ""
+    # running mean of the loss for spike detection; saved so a resumed run makes the same skip decisions
+    loss_ema: float | None = None
+    loss_ema_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **self.__dict__}

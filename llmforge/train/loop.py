@@ -414,6 +414,7 @@ def train(
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     tokens_seen, skipped, train_time = 0, 0, 0.0
+    loss_ema, ema_steps = None, 0  # running mean loss (EMA) for spike detection
     if state is not None:
         _load_optim_state(wrapped, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -421,6 +422,7 @@ def train(
             scaler.load_state_dict(state["scaler"])
         objective.train_data.load_state_dict(state["data"])
         tokens_seen, skipped = int(state["tokens_seen"]), int(state["skipped_steps"])
+        loss_ema, ema_steps = state.get("loss_ema"), int(state.get("loss_ema_steps", 0))
         train_time = float(state["train_time"])
         rngs = state["rng"]
         if state["world_size"] != env.world_size:
@@ -487,6 +489,8 @@ def train(
                 world_size=env.world_size,
                 scaler=scaler.state_dict() if scaler is not None else None,
                 objective=objective.name,
+                loss_ema=loss_ema,
+                loss_ema_steps=ema_steps,
             )
             save_checkpoint(
                 ckpt_root,
@@ -562,7 +566,16 @@ def train(
                 norm = norm.full_tensor()
             grad_norm = float(norm)
             finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None)
-            if finite:
+            # A loss spike (far above the running mean) is treated like a non-finite loss: applying its update
+            # is how runs diverge. The decision uses the all-reduced loss, so every rank agrees.
+            spike = (
+                finite
+                and cfg.spike_factor > 0
+                and loss_ema is not None
+                and ema_steps >= cfg.spike_warmup_steps
+                and step_loss > cfg.spike_factor * loss_ema
+            )
+            if finite and not spike:
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -579,9 +592,15 @@ def train(
             session_time += dt
             done = step + 1
 
-            if not finite:
+            if not finite or spike:
                 skipped += 1
-                msg = f"step {done}: non-finite loss {step_loss} / grad norm {grad_norm}"
+                if spike:
+                    msg = (
+                        f"step {done}: loss spike {step_loss:.4g} > {cfg.spike_factor:g} x running mean "
+                        f"{loss_ema:.4g} ({description}.spike_factor)"
+                    )
+                else:
+                    msg = f"step {done}: non-finite loss {step_loss} / grad norm {grad_norm}"
                 if cfg.nan_policy == "stop":
                     raise TrainingError(
                         f"{msg}; stopping (nan_policy: stop). Lower {description}.lr, keep grad_clip on, or "
@@ -590,15 +609,17 @@ def train(
                 log.warning("%s; update skipped (%d skipped so far)", msg, skipped)
                 if skipped > cfg.max_skipped_steps:
                     raise TrainingError(
-                        f"{skipped} steps had a non-finite loss or gradient (max_skipped_steps: "
+                        f"{skipped} steps had a loss spike or a non-finite loss or gradient (max_skipped_steps: "
                         f"{cfg.max_skipped_steps}); the run diverged. Lower {description}.lr or increase "
                         f"{description}.warmup_steps, then resume from the last checkpoint"
                     )
             else:
                 last_loss = step_loss
+                loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+                ema_steps += 1
 
             row: dict[str, Any] | None = None
-            if done % cfg.log_every == 0 or done == cfg.max_steps or not finite:
+            if done % cfg.log_every == 0 or done == cfg.max_steps or not finite or spike:
                 tok_per_s = window_tokens / window_time if window_time > 0 else None
                 row = {
                     "step": done,

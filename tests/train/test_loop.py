@@ -180,3 +180,41 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path, shards):
     assert all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m_new.parameters(), strict=True))
     with pytest.raises(Exception, match="not a directory"):
         _run(tmp_path / "bad", shards, resume=str(tmp_path / "nowhere"))
+
+
+def test_loss_spike_is_skipped_then_stop_policy(tmp_path, shards, caplog):
+    model = _model()
+    snapshots = []
+
+    def spike_at_6(step, loss):
+        snapshots.append((step, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        return loss * 10 if step == 6 else loss
+
+    with caplog.at_level(logging.WARNING, logger="llmforge"):
+        _, res = _run(tmp_path / "a", shards, model=model, hook=spike_at_6, max_steps=8, spike_warmup_steps=3)
+    assert res.skipped_steps == 1
+    assert "loss spike" in caplog.text and "pretrain.spike_factor" in caplog.text
+    w6, w7 = dict(snapshots)[6], dict(snapshots)[7]
+    assert all(torch.equal(w6[n], w7[n]) for n in w6)  # the spiking update was not applied
+    # a normal run of the same length skips nothing (no false positives while the loss falls fast)
+    _, res = _run(tmp_path / "b", shards, max_steps=30, lr=1e-2, warmup_steps=2, spike_warmup_steps=3)
+    assert res.skipped_steps == 0
+    with pytest.raises(TrainingError, match="loss spike"):
+        _run(
+            tmp_path / "c",
+            shards,
+            hook=lambda s, x: x * 10 if s == 6 else x,
+            max_steps=8,
+            spike_warmup_steps=3,
+            nan_policy="stop",
+        )
+    # off switch
+    _, res = _run(
+        tmp_path / "d",
+        shards,
+        hook=lambda s, x: x * 10 if s == 6 else x,
+        max_steps=8,
+        spike_warmup_steps=3,
+        spike_factor=0,
+    )
+    assert res.skipped_steps == 0
