@@ -260,7 +260,15 @@ def _load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state:
 
 def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Copy a checkpoint's weights into ``model``; tied weights may be stored once."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches (e.g. a different vocabulary) raise instead of returning
+        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise CheckpointError(
+            f"{source}: weights do not fit the model ({'; '.join(shapes[:3]) or err}); this checkpoint is from "
+            "a run with another model shape or tokenizer — point resume at a matching checkpoint or set "
+            "resume: false"
+        ) from None
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.named_parameters()
     }

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from llmforge.errors import TrainingError
+from llmforge.errors import CheckpointError, TrainingError
 from llmforge.manifest import Manifest
 from llmforge.model import Llama, preset_config
 from llmforge.train.checkpoint import list_checkpoints
@@ -218,3 +218,12 @@ def test_loss_spike_is_skipped_then_stop_policy(tmp_path, shards, caplog):
         spike_factor=0,
     )
     assert res.skipped_steps == 0
+
+
+def test_resume_from_a_checkpoint_of_another_shape_is_a_clear_error(tmp_path, shards):
+    _run(tmp_path / "a", shards, max_steps=3, save_every=3)
+    ckpt = list_checkpoints(tmp_path / "a" / "checkpoints")[-1][1]
+    fields = {k: v for k, v in TINY_MODEL.items() if k not in ("preset", "hidden_size", "intermediate_size")}
+    wider = Llama(preset_config("tiny", vocab_size=VOCAB, hidden_size=96, intermediate_size=192, **fields))
+    with pytest.raises(CheckpointError, match="weights do not fit the model"):
+        _run(tmp_path / "b", shards, model=wider, max_steps=3, resume=str(ckpt))
