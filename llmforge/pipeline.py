@@ -580,7 +580,10 @@ def _run_one(pipeline, loaded, spec, hashes, forced, options, on_event) -> Stage
         lin = read_lineage(loaded, dep)
         if lin is not None and dep in fp.upstream:
             upstream[dep] = _upstream_outputs(loaded, lin)
-    ctx = StageContext(name=spec.name, loaded=loaded, out_dir=sdir, upstream=upstream, options=dict(options))
+    # A forced stage recomputes from scratch: stages that resume (crawl frontier, training checkpoints) see
+    # options["force"] and drop their resume state instead of finding their finished work and doing nothing.
+    opts = {**options, "force": True} if forced else dict(options)
+    ctx = StageContext(name=spec.name, loaded=loaded, out_dir=sdir, upstream=upstream, options=opts)
     if on_event:
         on_event("start", spec, reason)
     log.info("%s: running (%s)", spec.name, reason)

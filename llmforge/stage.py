@@ -33,7 +33,9 @@ class StageContext:
     loaded: Any  # llmforge.manifest.LoadedManifest
     out_dir: Path
     upstream: dict[str, dict[str, Path]] = field(default_factory=dict)  # stage -> {output name -> path}
-    options: dict[str, Any] = field(default_factory=dict)  # command-line extras (e.g. {"eval": True})
+    # command-line extras, e.g. {"eval": True}; {"force": True} when the user forced the stage (--force), in
+    # which case a stage that resumes from earlier work must start from scratch instead
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def manifest(self):

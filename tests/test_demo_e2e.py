@@ -93,6 +93,13 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
     assert text.startswith("The river") and len(text) > len("The river")
     assert "cached" in capsys.readouterr().out
 
+    # --force recomputes: pretraining starts over instead of finding its finished checkpoint.
+    code, out, err = cli(["train", "pretrain", "--force", *FAST], demo, capsys)
+    assert code == 0, err
+    assert "forced with --force" in err
+    lineage = json.loads((demo / "runs" / "pretrain" / "lineage.json").read_text())
+    assert lineage["metrics"]["steps"] == 12 and lineage["reason"] == "forced (--force)"
+
     # Shards made with other special ids than the tokenizer's are refused before training (a seam check).
     index_path = demo / "runs" / "tokenizer" / "shards" / "index.json"
     index = json.loads(index_path.read_text())

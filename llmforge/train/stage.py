@@ -114,13 +114,14 @@ def _shards_fingerprint(shards_dir: Path) -> str | None:
     return raw.get("fingerprint") or raw.get("tokenizer_sha256")
 
 
-def set_aside_foreign_checkpoints(ckpt_root: Path, rc: dict[str, Any]) -> None:
+def set_aside_foreign_checkpoints(ckpt_root: Path, rc: dict[str, Any], *, force: bool = False) -> None:
     """``resume: auto`` continues only an interrupted run of *this* configuration and data.
 
     The stage re-runs when its config or inputs change (e.g. a new tokenizer); continuing from checkpoints of
     the previous run would silently mix two runs, or crash on a changed vocabulary. So checkpoints whose
     config hash differs are moved to ``checkpoints.previous/`` (replacing an older set) and training starts
     fresh. To continue a different run on purpose, point ``pretrain.resume`` at one of its checkpoints.
+    ``force`` (the user forced the stage) sets every existing checkpoint aside the same way.
     """
     from .checkpoint import config_hash, list_checkpoints, load_trainer_state
 
@@ -132,11 +133,11 @@ def set_aside_foreign_checkpoints(ckpt_root: Path, rc: dict[str, Any]) -> None:
         state = load_trainer_state(newest)
     except Exception:  # unreadable: let the loop report it with its own message
         return
-    if state.get("config_hash") == config_hash(rc):
+    if state.get("config_hash") == config_hash(rc) and not force:
         return
     from .checkpoint import config_diff
 
-    diffs = config_diff(state.get("config", {}), rc)
+    diffs = ["forced with --force"] if force else config_diff(state.get("config", {}), rc)
     previous = ckpt_root.with_name("checkpoints.previous")
     shutil.rmtree(previous, ignore_errors=True)
     os.replace(ckpt_root, previous)
@@ -246,7 +247,9 @@ def _train_here(ctx: StageContext) -> StageResult:
     rc = run_config(ctx, config, index)
     if resume == "auto":
         if env.is_main:
-            set_aside_foreign_checkpoints(ctx.out_dir / "checkpoints", rc)
+            set_aside_foreign_checkpoints(
+                ctx.out_dir / "checkpoints", rc, force=bool(ctx.options.get("force"))
+            )
         dist.barrier()
     result = train(
         model,

@@ -46,7 +46,7 @@ def stage_b(ctx: StageContext) -> StageResult:
 
 
 def stage_c(ctx: StageContext) -> StageResult:
-    _record("c")
+    _record("c" + ("!" if ctx.options.get("force") else ""))
     src = (ctx.input("b", "b") / "b.txt").read_text()
     out = ctx.out_dir / "c.txt"
     out.write_text(src + f"steps={ctx.manifest.pretrain.max_steps}\n")

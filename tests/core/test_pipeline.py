@@ -103,6 +103,16 @@ def test_force_reruns_the_stage(project):
     assert calls(project) == ["b"]  # identical output → c stays cached
 
 
+def test_forced_stage_is_told_so(project):
+    """Stages that resume from earlier work must know a forced run means start over."""
+    pipeline.run(load(project))
+    calls(project)
+    pipeline.run(load(project), force=["c"])
+    assert calls(project) == ["c!"]
+    pipeline.run(load(project, "pretrain.max_steps=30"))
+    assert calls(project) == ["c"]  # a normal re-run is not forced
+
+
 def test_targets_run_with_their_upstream(project):
     out = pipeline.run(load(project), ["b"])
     assert [o.name for o in out] == ["a", "b"]

@@ -411,3 +411,20 @@ def test_robots_5xx_means_crawl_nothing_and_no_html_is_explained(tmp_path) -> No
     not_html = pytest.raises(DataError, match=r"every seed failed: .* \(not HTML\)\. Use seeds that are HTML")
     with Site({"/": Resp(body=b"%PDF-1.4", content_type="application/pdf")}) as site, not_html:
         crawl(_cfg(site, seeds=[site.url("/")]), tmp_path / "b")
+
+
+def test_forced_stage_recrawls_from_scratch(tmp_path) -> None:
+    """`llmforge data crawl --force` must fetch again, not find its finished frontier and do nothing."""
+    with Site(_chain_site(3)) as site:
+        manifest = Manifest(crawl=_cfg(site, seeds=[site.url("/")], max_depth=50))
+        loaded = LoadedManifest(manifest=manifest, path=tmp_path / "llmforge.yaml")
+        out = tmp_path / "runs" / "crawl"
+        out.mkdir(parents=True)
+        first = run_crawl(StageContext(name="crawl", loaded=loaded, out_dir=out))
+        again = run_crawl(StageContext(name="crawl", loaded=loaded, out_dir=out))
+        forced = run_crawl(StageContext(name="crawl", loaded=loaded, out_dir=out, options={"force": True}))
+    assert first.metrics["pages_stored_this_run"] == 4
+    assert again.metrics["pages_stored_this_run"] == 0  # resumed a finished crawl: nothing to do
+    assert forced.metrics["pages_stored_this_run"] == 4 and forced.metrics["pages_stored"] == 4
+    responses = [r for r in _warc_records(out / "warc") if r["type"] == "response"]
+    assert len(responses) == 4  # the old WARC files were replaced, not appended to

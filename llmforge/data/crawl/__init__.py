@@ -28,6 +28,13 @@ def run_crawl(ctx: StageContext) -> StageResult:
     from .engine import crawl, reason_text
 
     cfg = ctx.manifest.crawl
+    if ctx.options.get("force"):
+        from ... import console
+        from .engine import FETCH_LOG, PARTIAL_DIR, STATE_DB, WARC_DIR
+        from .state import remove_state
+
+        console.get_logger(__name__).info("crawl: forced, starting a fresh crawl in %s", ctx.out_dir)
+        remove_state(ctx.out_dir, [STATE_DB, FETCH_LOG, WARC_DIR, PARTIAL_DIR])
     report = crawl(cfg, ctx.out_dir)
     m = report.metrics()
 
