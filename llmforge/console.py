@@ -70,7 +70,10 @@ def configure(
     if plain_interval is not None:
         _state.plain_interval = plain_interval
     else:
-        _state.plain_interval = float(os.environ.get("LLMFORGE_PROGRESS_INTERVAL", "10"))
+        try:
+            _state.plain_interval = float(os.environ.get("LLMFORGE_PROGRESS_INTERVAL", "10"))
+        except ValueError:  # a bad environment value must not crash a command; fall back to the default
+            _state.plain_interval = 10.0
     logger = logging.getLogger(_LOGGER_ROOT)
     for h in list(logger.handlers):
         logger.removeHandler(h)

@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
+import hashlib
 import importlib
+import itertools
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -81,6 +85,27 @@ class StageSpec:
             raise NotBuiltError(f"stage '{self.name}' is not built yet in llmforge {__version__}")
         module, _, fn = self.target.partition(":")
         return getattr(importlib.import_module(module), fn)
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")  # as in llmforge.data.readers: a `data.inputs` path may be a glob
+
+
+def _hash_external(p: Path, hashes: HashCache) -> str:
+    """Content hash of an external input: a file, a folder (hidden files left out, as readers do) or a glob."""
+    if _GLOB_CHARS.search(str(p)):
+        matches = sorted(m for m in glob.glob(str(p), recursive=True) if os.path.isfile(m))
+        if not matches:
+            return "missing"
+        # names relative to the pattern's fixed prefix, so a moved project keeps its fingerprints
+        base = Path(*itertools.takewhile(lambda part: not _GLOB_CHARS.search(part), p.parts))
+        h = hashlib.sha256()
+        for m in matches:
+            rel = Path(os.path.relpath(m, base)).as_posix()
+            h.update(rel.encode() + b"\0" + hashes.file(Path(m)).encode() + b"\n")
+        return h.hexdigest()
+    if not p.exists():
+        return "missing"
+    return hashes.path(p, skip_hidden=True)[0]
 
 
 def _data_inputs(lm: LoadedManifest) -> list[Path]:
@@ -318,11 +343,7 @@ def fingerprint(
         }
     external: dict[str, str] = {}
     for p in spec.external_inputs(loaded):
-        key = _rel(loaded, p)
-        if p.exists():
-            external[key] = hashes.path(p)[0]
-        else:
-            external[key] = "missing"
+        external[_rel(loaded, p)] = _hash_external(p, hashes)
     # Only upstream *output hashes* enter the digest (the upstream fingerprint is recorded for lineage but not
     # hashed): an upstream re-run that reproduces identical output leaves this stage cached.
     up_outputs = {dep: rec["outputs"] for dep, rec in upstream.items()}
@@ -392,7 +413,7 @@ class StageStatus:
     """One row of `llmforge status`."""
 
     name: str
-    state: str  # done | stale | never run | interrupted | failed | disabled | not built | waiting
+    state: str  # done | stale | never run | running | interrupted | failed | disabled | not built | waiting
     reason: str = ""
     enabled: bool = True
     built: bool = True
@@ -403,6 +424,7 @@ class StageStatus:
 def status(loaded: LoadedManifest, pipeline: Pipeline | None = None) -> list[StageStatus]:
     pipeline = pipeline or Pipeline()
     hashes = HashCache(loaded.runs_dir / ".cache" / "hashes.json")
+    busy = _run_in_progress(loaded)
     out: list[StageStatus] = []
     stale: set[str] = set()
     for spec in pipeline.stages:
@@ -424,7 +446,9 @@ def status(loaded: LoadedManifest, pipeline: Pipeline | None = None) -> list[Sta
             waiting = sorted(set([d for d in spec.needs if d in stale] + fp.missing_upstream))
             if lineage is None:
                 failed = sdir / FAILED
-                if (sdir / RUNNING).exists():
+                if (sdir / RUNNING).exists() and busy:
+                    st.state, st.reason = "running", "another `llmforge run` is working on it"
+                elif (sdir / RUNNING).exists():
                     st.state, st.reason = "interrupted", "did not finish; `llmforge run` re-runs (resumes) it"
                 elif failed.exists():
                     st.state = "failed"
@@ -441,7 +465,8 @@ def status(loaded: LoadedManifest, pipeline: Pipeline | None = None) -> list[Sta
                 st.state, st.reason = ("done", "") if reason is None else ("stale", reason)
             if not enabled:
                 st.reason = (st.reason + "; " if st.reason else "") + "disabled in the manifest"
-            if st.state in ("stale", "never run", "interrupted", "failed", "waiting"):
+            # a disabled stage will not re-run and its downstream does not read it: nothing waits on it
+            if enabled and st.state in ("stale", "never run", "running", "interrupted", "failed", "waiting"):
                 stale.add(spec.name)
         out.append(st)
     hashes.save()
@@ -492,6 +517,23 @@ def project_lock(loaded: LoadedManifest):
         f.close()
 
 
+def _run_in_progress(loaded: LoadedManifest) -> bool:
+    """True while another process holds the project lock (a `llmforge run` is working)."""
+    path = loaded.runs_dir / ".lock"
+    try:
+        import fcntl
+
+        with open(path) as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except (ImportError, OSError):  # non-POSIX, or never run
+        pass
+    return False
+
+
 def plan(
     loaded: LoadedManifest, targets: list[str] | None = None, pipeline: Pipeline | None = None
 ) -> list[StageSpec]:
@@ -538,6 +580,12 @@ def run(
     stages = pipeline.order(targets) if (only and targets) else plan(loaded, targets, pipeline)
     if only and targets:
         plan(loaded, targets, Pipeline(stages))  # not-built check for the targets themselves
+    outside = sorted(force - {s.name for s in stages})
+    if outside:
+        raise UserInputError(
+            f"--force {outside[0]}: stage '{outside[0]}' is not part of this run (planned: "
+            f"{', '.join(s.name for s in stages) or 'none'}); name it as a stage to run, or enable it"
+        )
     outcomes: list[StageOutcome] = []
     with project_lock(loaded):
         hashes = HashCache(loaded.runs_dir / ".cache" / "hashes.json")
@@ -668,6 +716,7 @@ class LineageNode:
     matched_output: str | None
     inputs: list[LineageNode] = field(default_factory=list)
     modified: list[str] = field(default_factory=list)
+    superseded: bool = False  # re-ran since its downstream read it: this record is not what was read
 
 
 def _is_within(p: Path, root: Path) -> bool:
@@ -719,9 +768,12 @@ def lineage_tree(loaded: LoadedManifest, path: Path, pipeline: Pipeline | None =
             p = loaded.resolve(rec["path"])
             if not p.exists() or hashes.path(p)[0] != rec["sha256"]:
                 node.modified.append(oname)
-        for dep in lin.get("inputs", {}).get("upstream", {}):
+        for dep, used in lin.get("inputs", {}).get("upstream", {}).items():
             if dep not in seen:
-                node.inputs.append(build(dep, None, seen | {dep}))
+                child = build(dep, None, seen | {dep})
+                now = {k: v["sha256"] for k, v in child.lineage.get("outputs", {}).items()}
+                child.superseded = now != used.get("outputs")
+                node.inputs.append(child)
         return node
 
     tree = build(stage, output, frozenset({stage}))

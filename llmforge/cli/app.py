@@ -57,18 +57,26 @@ stages.register(app)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map errors to messages and exit codes."""
-    import click
-
     from ..errors import LLMForgeError
 
+    try:  # typer >= 0.29 runs on its own copy of click (typer._click); older typer on click itself
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - depends on the typer version
+        from click import ClickException
+
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+        # Outside standalone mode typer *returns* the code of an Exit, including Exit(130) for Ctrl-C.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except typer.Exit as e:  # click.exceptions.Exit on older typer
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         _err("aborted")
         sys.exit(130)
-    except click.ClickException as e:
+    except ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except LLMForgeError as e:

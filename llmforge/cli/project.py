@@ -191,6 +191,7 @@ _STATE_STYLE = {
     "done": "green",
     "stale": "yellow",
     "never run": "cyan",
+    "running": "bold cyan",
     "interrupted": "red",
     "failed": "red",
     "disabled": "dim",
@@ -294,6 +295,7 @@ def lineage(
                 "outputs": lin.get("outputs"),
                 "external_inputs": lin.get("inputs", {}).get("external", {}),
                 "modified_since": n.modified,
+                "superseded": n.superseded,
                 "inputs": [to_dict(c) for c in n.inputs],
             }
 
@@ -308,6 +310,8 @@ def lineage(
         )
         if n.modified:
             s += f" [red]outputs modified since: {', '.join(n.modified)}[/]"
+        if n.superseded:
+            s += " [yellow]re-ran since; its downstream read an earlier run's outputs[/]"
         return s
 
     def add(tree, n) -> None:

@@ -85,8 +85,11 @@ class LoadedManifest:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _key_lines(text: str) -> dict[tuple, int]:
-    """Map dotted key tuples to 1-based line numbers, from the YAML node tree (best effort)."""
+def _key_lines(text: str, duplicates: list[str] | None = None) -> dict[tuple, int]:
+    """Map dotted key tuples to 1-based line numbers, from the YAML node tree (best effort).
+
+    A key repeated in one mapping (YAML keeps only the last, silently) is appended to ``duplicates``.
+    """
     lines: dict[tuple, int] = {}
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -95,9 +98,17 @@ def _key_lines(text: str) -> dict[tuple, int]:
 
     def walk(node, prefix: tuple):
         if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
             for k, v in node.value:
                 key = (*prefix, str(k.value))
-                lines[key] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if k.tag != "tag:yaml.org,2002:merge" and key[-1] in first and duplicates is not None:
+                    duplicates.append(
+                        f"{line}: {'.'.join(map(str, key))}: duplicate key (first at line {first[key[-1]]}); "
+                        "YAML silently keeps only the last one — merge them"
+                    )
+                first.setdefault(key[-1], line)
+                lines[key] = line
                 walk(v, key)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
@@ -142,7 +153,11 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         raise ManifestError(
             str(path), [f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"]
         )
-    return data, _key_lines(text)
+    duplicates: list[str] = []
+    lines = _key_lines(text, duplicates)
+    if duplicates:
+        raise ManifestError(str(path), [f"{path.name}:{d}" for d in duplicates])
+    return data, lines
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,19 +183,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides in place; a number indexes a list (``data.inputs.0.path=x``)."""
     for item in overrides:
         parts, value = parse_override(item)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
+        node: Any = data
+        for i, part in enumerate(parts):
+            key: Any = part
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(parts[:i])
+                    raise UserInputError(
+                        f"override {item!r}: {where} has {len(node)} items; index it from 0 "
+                        f"or set the whole list, e.g. {where}=[...]"
+                    )
+                key = int(part)
+            if i == len(parts) - 1:
+                node[key] = value
+                break
+            nxt = node[key] if isinstance(node, list) else node.get(key)
             if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
+                nxt = node[key] = {}
+            elif not isinstance(nxt, dict | list):
                 raise UserInputError(
                     f"override {item!r}: {'.'.join(parts[: i + 1])} is a {type(nxt).__name__}, not a section"
                 )
             node = nxt
-        node[parts[-1]] = value
     return data
 
 

@@ -3,6 +3,10 @@
 A file's hash is the SHA-256 of its bytes. A folder's hash is the SHA-256 of the sorted list of
 ``(relative path, file hash)`` of the files inside it, skipping temporary names (``.*.tmp``) that atomic
 writes use, so a folder's hash changes exactly when a finished file inside it changes.
+
+A cached hash is reused only while the file's size, mtime, ctime and inode are unchanged, and never for a file
+modified within ``_RACY_NS`` of being hashed: a rewrite inside the file system's timestamp granularity keeps
+every one of those, so such a "racily clean" file is re-hashed until its timestamps are safely in the past.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from . import atomic
 
 _CHUNK = 1 << 20
+_RACY_NS = 2_000_000_000  # coarser than any common file system's timestamp granularity (FAT: 2 s)
 
 
 def _is_temp(name: str) -> bool:
@@ -35,7 +41,7 @@ def sha256_json(obj) -> str:
 
 
 class HashCache:
-    """Remembers ``path -> (size, mtime_ns, inode, sha256)`` in a JSON file; re-hashes only changed files."""
+    """Remembers ``path -> (size, mtime_ns, ctime_ns, inode, sha256)`` in a JSON file; re-hashes changed files."""
 
     def __init__(self, cache_file: Path | None = None):
         self.cache_file = cache_file
@@ -43,39 +49,50 @@ class HashCache:
         self._dirty = False
         if cache_file is not None and cache_file.exists():
             with contextlib.suppress(OSError, ValueError):
-                self._entries = json.loads(cache_file.read_text())
+                entries = json.loads(cache_file.read_text())
+                self._entries = entries if isinstance(entries, dict) else {}
 
     def file(self, path: Path) -> str:
         path = Path(path)
         st = path.stat()
         key = str(path.resolve())
-        sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+        sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         hit = self._entries.get(key)
-        if hit is not None and hit[:3] == sig:
-            return hit[3]
+        if hit is not None and hit[:4] == sig:
+            return hit[4]
         digest = sha256_file(path)
-        self._entries[key] = [*sig, digest]
-        self._dirty = True
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+            self._entries[key] = [*sig, digest]
+            self._dirty = True
+        elif self._entries.pop(key, None) is not None:
+            self._dirty = True
         return digest
 
-    def files_in(self, folder: Path) -> list[tuple[str, str, int]]:
-        """``(relative posix path, sha256, size)`` of every finished file under ``folder``, sorted."""
+    def files_in(self, folder: Path, skip_hidden: bool = False) -> list[tuple[str, str, int]]:
+        """``(relative posix path, sha256, size)`` of every finished file under ``folder``, sorted.
+
+        ``skip_hidden`` also leaves out dot-files and dot-folders (as the data stage does when reading a folder).
+        """
+
+        def skip(name: str) -> bool:
+            return _is_temp(name) or (skip_hidden and name.startswith("."))
+
         out = []
         for root, dirs, files in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not _is_temp(d))
+            dirs[:] = sorted(d for d in dirs if not skip(d))
             for name in sorted(files):
-                if _is_temp(name):
+                if skip(name):
                     continue
                 p = Path(root) / name
                 out.append((p.relative_to(folder).as_posix(), self.file(p), p.stat().st_size))
         out.sort()
         return out
 
-    def path(self, path: Path) -> tuple[str, int]:
+    def path(self, path: Path, skip_hidden: bool = False) -> tuple[str, int]:
         """(hash, total bytes) of a file or folder."""
         path = Path(path)
         if path.is_dir():
-            entries = self.files_in(path)
+            entries = self.files_in(path, skip_hidden)
             h = hashlib.sha256()
             for rel, digest, _ in entries:
                 h.update(rel.encode() + b"\0" + digest.encode() + b"\n")
