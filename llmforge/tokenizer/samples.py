@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-_WORDS = [
+WORDS = [  # also the benchmark corpus's vocabulary (benchmarks/bench_tokenize.py)
     "the",
     "of",
     "and",
@@ -91,7 +91,7 @@ _MARKUP = ["<|im_start|>", "<|im_end|>", "<|im_start|>user\n", "<|im_start|>assi
 
 
 def _word(rng: random.Random) -> str:
-    return rng.choice(_WORDS)
+    return rng.choice(WORDS)
 
 
 def _family(rng: random.Random, kind: int, markup: Sequence[str]) -> str:
