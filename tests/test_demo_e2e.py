@@ -7,29 +7,16 @@ loop) on the bundled corpus, with a shortened pretraining run to keep the suite 
 from __future__ import annotations
 
 import json
-import os
 import runpy
 from pathlib import Path
 
 import pytest
 
-from llmforge.cli.app import main
+from tests.cli import run_cli as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # Same overrides on every call: overrides are part of the fingerprint.
 FAST = ["pretrain.max_steps=12", "pretrain.warmup_steps=2", "pretrain.eval_every=6", "pretrain.save_every=6"]
-
-
-def cli(args: list[str], cwd: Path, capsys) -> tuple[int, str, str]:
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main(args)
-    finally:
-        os.chdir(old)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 @pytest.mark.slow

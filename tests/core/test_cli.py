@@ -3,51 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
-from llmforge import pipeline
-from llmforge.cli.app import app, main
+from llmforge.cli.app import app
+from tests.cli import run_cli as run_main
 from tests.core import dummy_stages
 
 runner = CliRunner()
-
-
-def invoke(*args: str, cwd: Path | None = None):
-    """Run through `main` (the real edge: error mapping + exit codes) and capture output."""
-    old = Path.cwd()
-    if cwd:
-        os.chdir(cwd)
-    try:
-        result = runner.invoke(app, list(args))  # for output of successful commands
-        return result
-    finally:
-        os.chdir(old)
-
-
-def run_main(args: list[str], cwd: Path, capsys) -> tuple[int, str, str]:
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main(args)
-    finally:
-        os.chdir(old)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-@pytest.fixture
-def dummy(tmp_path, monkeypatch):
-    (tmp_path / "llmforge.yaml").write_text(dummy_stages.MANIFEST)
-    monkeypatch.setattr(pipeline, "STAGES", dummy_stages.STAGES)
-    monkeypatch.setenv("COLUMNS", "200")
-    return tmp_path
 
 
 def test_help_lists_every_group():

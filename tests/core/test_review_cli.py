@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmforge.cli import common
-from tests.core.test_cli import dummy, run_main  # noqa: F401 - fixture
+from tests.cli import run_cli as run_main
 
 
 @pytest.fixture(autouse=True)
@@ -23,19 +23,19 @@ def _no_debug(monkeypatch):
         ["train", "pretrain", "--nproc", "two"],
     ],
 )
-def test_usage_errors_exit_2_without_traceback(dummy, capsys, args):  # noqa: F811
+def test_usage_errors_exit_2_without_traceback(dummy, capsys, args):
     code, _, err = run_main(args, dummy, capsys)
     assert code == 2, err
     assert "Traceback" not in err
     assert err.strip()
 
 
-def test_force_outside_the_plan_is_a_clean_error(dummy, capsys):  # noqa: F811
+def test_force_outside_the_plan_is_a_clean_error(dummy, capsys):
     code, _, err = run_main(["run", "a", "--force", "c"], dummy, capsys)
     assert code == 2 and "--force c" in err and "Traceback" not in err
 
 
-def test_ctrl_c_exits_130_with_the_resume_hint(dummy, capsys, monkeypatch):  # noqa: F811
+def test_ctrl_c_exits_130_with_the_resume_hint(dummy, capsys, monkeypatch):
     from llmforge import pipeline
 
     def interrupted(*a, **k):
