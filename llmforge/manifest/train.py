@@ -73,15 +73,6 @@ class TrainSection(StageSection):
     nan_policy: Literal["skip", "stop"] = Field(
         default="skip", description="On a non-finite loss or gradient: skip that step, or stop the run."
     )
-    spike_factor: float = Field(
-        default=2.0,
-        ge=0,
-        description="A step whose loss is above this multiple of the running mean loss is a spike and is "
-        "handled like a non-finite loss, per nan_policy (0 = no spike detection).",
-    )
-    spike_warmup_steps: int = Field(
-        default=20, ge=0, description="Steps averaged into the running mean before spike detection starts."
-    )
     max_skipped_steps: int = Field(
         default=10,
         ge=0,
@@ -126,6 +117,15 @@ class TrainSection(StageSection):
 
 
 class PretrainSection(TrainSection):
+    spike_factor: float = Field(
+        default=2.0,
+        ge=0,
+        description="A step whose loss is above this multiple of the running mean loss is a spike and is "
+        "handled like a non-finite loss, per nan_policy (0 = no spike detection).",
+    )
+    spike_warmup_steps: int = Field(
+        default=20, ge=0, description="Steps averaged into the running mean before spike detection starts."
+    )
     shuffle: bool = Field(
         default=True,
         description="Visit the packed training windows in a seeded random order, reshuffled every epoch "

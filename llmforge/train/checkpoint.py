@@ -179,12 +179,14 @@ class TrainerState:
     # running mean of the loss for spike detection; saved so a resumed run makes the same skip decisions
     loss_ema: float | None = None
     loss_ema_steps: int = 0
+    # state_dict() of every stateful object the run registered (the data reader under "data", a recipe's own)
+    stateful: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **self.__dict__}
 
 
-def save_checkpoint(
+def write_checkpoint(
     root: Path,
     step: int,
     *,

@@ -1,29 +1,41 @@
-"""The one training loop. Every objective (pretraining, SFT, distillation, DPO, reward, GRPO, PPO) is a loss
-function plus a batch source that plug into ``train()``; nothing here knows which objective runs.
+"""The training core: the pieces every objective is built from, and ``train()``, which composes them.
 
-What one optimizer step does, written out plainly in ``train()``:
+Pieces (a recipe with its own structure — rollouts, a value model, two optimizers — composes them itself):
 
-1. ``grad_accum`` micro-batches: forward under autocast, ``loss_fn`` returns a mean loss and the number of
-   units it averages (``weight``, e.g. target tokens); we backpropagate ``loss * weight`` (DDP/FSDP skip the
-   gradient all-reduce on all but the last micro-batch).
-2. One all-reduce of ``[Σ loss·weight, Σ weight, tokens]`` across ranks; gradients are then scaled by
-   ``world / Σ weight`` (DDP/FSDP already averaged over ranks). The result is the gradient of the mean loss
-   over *every unit of the global batch*, whatever the split into processes and micro-batches: batch 8 x
-   accumulation 1 equals batch 1 x accumulation 8, and 2 processes x batch B equal 1 process x batch 2B
-   (torchtune's token-normalised accumulation, which stays correct when micro-batches hold different
-   numbers of target tokens, as in SFT).
-3. Clip the global gradient norm; a non-finite loss or norm skips the update (``nan_policy: skip``, counted,
-   stopping after ``max_skipped_steps``) or stops the run (``nan_policy: stop``). The LR schedule and the
-   data advance either way, so a skip never shifts the rest of the run.
-4. AdamW step (fused kernels where available), schedule step, metrics, periodic validation and checkpoints.
+* ``setup()`` → a ``TrainSession``: moves the model to the device, resumes from a checkpoint (weights,
+  optimizer, scheduler, RNG, counters and every registered *stateful* object such as the data reader), wraps it
+  (DDP / FSDP2 / compile) and builds AdamW + the LR schedule. ``place_frozen()`` puts the frozen models an
+  objective declares (a distillation teacher, a DPO reference) on the device in eval mode, with no gradients,
+  outside the optimizer and the checkpoints.
+* ``optimizer_step()`` — one optimizer step over ``grad_accum`` micro-batches:
+
+  1. forward under autocast; the loss function returns a ``LossOutput``: a mean loss, the number of units it
+     averages (``weight``: target tokens, pairs, sequences), the tokens it processed (``tokens``, for
+     throughput) and extra metrics (means over ``weight`` units, or ``(mean, weight)`` pairs). We
+     backpropagate ``loss * weight`` (DDP/FSDP skip the gradient all-reduce on all but the last micro-batch).
+  2. One all-reduce of every weighted sum (loss, metrics, weights, tokens) across ranks; gradients are then
+     scaled by ``world / Σ weight`` (DDP/FSDP already averaged over ranks). The result is the gradient of the
+     mean loss over *every unit of the global batch*, whatever the split into processes and micro-batches —
+     batch 8 x accumulation 1 equals batch 1 x accumulation 8, and 2 processes x batch B equal 1 process x
+     batch 2B (torchtune's token-normalised accumulation, which stays correct when micro-batches hold
+     different numbers of target tokens, as in SFT). Logged metrics are reduced the same way, so they too
+     are independent of the split.
+  3. Clip the global gradient norm; a non-finite loss or norm skips the update (``nan_policy: skip``, counted,
+     stopping after ``max_skipped_steps``) or stops the run (``nan_policy: stop``). An objective may opt into
+     loss-spike detection (pretraining does): a loss far above the running mean is handled the same way. The
+     LR schedule and the data advance either way, so a skip never shifts the rest of the run.
+  4. AdamW step (fused kernels where available) and schedule step.
+* ``evaluate()`` — weighted mean validation loss and metrics over every rank's validation batches.
+* ``save_checkpoint()`` — model (or, for adapter runs, only the trainable weights), optimizer, scheduler,
+  per-rank RNG states, stateful objects and counters, atomically.
 
 Optimizer parameter groups: weight decay applies to matrices (``ndim >= 2``) except token embeddings;
 norm gains, biases and embeddings (hence tied output embeddings) get none — decaying a gain pulls it toward
 zero rather than toward identity, and decaying embeddings shrinks the rows of rare tokens that seldom get a
-gradient (GPT-2/minGPT/nanoGPT practice).
+gradient (GPT-2/minGPT/nanoGPT practice). Frozen parameters (``requires_grad=False``, e.g. a LoRA base) are
+left out of the optimizer entirely.
 
-Exact resume: model, optimizer, scheduler, scaler, per-rank RNG states, the data cursor and counters are
-checkpointed; ``resume: auto`` restarts at the newest complete checkpoint and reproduces the loss curve and
+Exact resume: ``resume: auto`` restarts at the newest complete checkpoint and reproduces the loss curve and
 final weights of an uninterrupted run bit for bit on the same machine and world size.
 """
 
@@ -56,8 +68,8 @@ from .checkpoint import (
     list_checkpoints,
     load_trainer_state,
     rng_state,
-    save_checkpoint,
     set_rng_state,
+    write_checkpoint,
 )
 from .metrics import MetricsWriter, peak_flops
 from .schedule import build_scheduler
@@ -65,15 +77,25 @@ from .schedule import build_scheduler
 log = console.get_logger(__name__)
 
 Batch = dict[str, Any]
+Number = torch.Tensor | float | int
 
 
 @dataclass
 class LossOutput:
-    """What a loss function returns: ``loss`` is a mean over ``weight`` units (tokens, sequences, pairs)."""
+    """What a loss function returns for one micro-batch.
+
+    ``loss`` is a mean over ``weight`` units (target tokens, preference pairs, sequences); the core
+    backpropagates ``loss * weight`` and divides by the global ``Σ weight``. ``tokens`` is the number of
+    tokens the micro-batch processed, for throughput (default: ``input_ids.numel()``; padding-aware losses
+    report the real count). ``metrics`` are extra means to log: a value is a mean over the same ``weight``
+    units, a ``(mean, weight)`` pair carries its own weight (e.g. a per-pair accuracy next to a per-token loss).
+    Every metric is reduced weighted across micro-batches and ranks, so logs do not depend on the split.
+    """
 
     loss: torch.Tensor
-    weight: torch.Tensor | float = 1.0
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # extra means, logged as-is
+    weight: Number = 1.0
+    tokens: Number | None = None
+    metrics: dict[str, Number | tuple[Number, Number]] = field(default_factory=dict)
 
 
 LossFn = Callable[[nn.Module, Batch], "LossOutput | torch.Tensor"]
@@ -91,12 +113,22 @@ class BatchSource(Protocol):
 
 @dataclass
 class Objective:
-    """An objective = a name, a loss function and its data (this rank's share of it)."""
+    """An objective = a name, a loss function and its data (this rank's share of it).
+
+    ``frozen`` names the models the loss reads but does not train (a distillation teacher, a DPO reference):
+    the core places them on the device and dtype, in eval mode with gradients off, and leaves them out of
+    the optimizer and the checkpoints; the loss function holds its own reference to them. Loss-spike
+    detection is opt-in (``spike_factor > 0``): right for pretraining's smooth curves, wrong for objectives
+    whose loss legitimately jumps between batches (SFT on mixed tasks, preference losses).
+    """
 
     name: str
     loss_fn: LossFn
     train_data: BatchSource
     val_data: Callable[[], Iterable[Batch]] | None = None  # a fresh pass over this rank's validation set
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
+    spike_factor: float = 0.0
+    spike_warmup_steps: int = 20
 
 
 @dataclass
@@ -112,6 +144,8 @@ class TrainResult:
     checkpoint: Path | None
     resumed_from: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    trainable_parameters: int = 0
+    val_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def val_ppl(self) -> float | None:
@@ -258,8 +292,22 @@ def _load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state:
         optimizer.load_state_dict(state)
 
 
-def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy a checkpoint's weights into ``model``; tied weights may be stored once."""
+def load_model_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], source: Path, *, only: set[str] | None = None
+) -> None:
+    """Copy a checkpoint's weights into ``model``; tied weights may be stored once.
+
+    Strict for full models. ``only`` (an adapter run's trainable parameter names) makes the checkpoint hold
+    exactly those weights — still strict: a missing or unexpected adapter weight is an error.
+    """
+    if only is not None:
+        missing_a, unexpected_a = sorted(only - set(state)), sorted(set(state) - only)
+        if missing_a or unexpected_a:
+            raise CheckpointError(
+                f"{source}: adapter weights do not match the model (missing {missing_a[:5]}, unexpected "
+                f"{unexpected_a[:5]}); the adapter settings changed since this checkpoint — set resume: false "
+                "or restore the settings"
+            )
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches (e.g. a different vocabulary) raise instead of returning
@@ -272,7 +320,7 @@ def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source:
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.named_parameters()
     }
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied and (only is None or k in only)]
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
@@ -313,29 +361,489 @@ def _all_finite(params: list[nn.Parameter]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the loop
+# weighted metric sums
 # ----------------------------------------------------------------------------------------------------
 
 
-def evaluate(model: nn.Module, objective: Objective, device: torch.device, autocast) -> float | None:
-    """Mean validation loss over every rank's validation batches (weighted like training)."""
-    if objective.val_data is None:
-        return None
+def _scalar(x: Number, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+class WeightedSums:
+    """Σ value·weight and Σ weight per name, reduced across ranks in a single all-reduce.
+
+    Every rank must add the same names (they run the same loss function). ``reduce()`` returns the weighted
+    means (``None`` where the total weight is 0) and the plain totals of ``count()``-ed quantities.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._num: dict[str, torch.Tensor] = {}
+        self._den: dict[str, torch.Tensor] = {}
+        self._tot: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: Number, weight: Number) -> None:
+        w = _scalar(weight, self.device)
+        v = _scalar(value, self.device) * w
+        if name in self._num:
+            self._num[name] += v
+            self._den[name] += w
+        else:
+            self._num[name], self._den[name] = v, w
+
+    def count(self, name: str, value: Number) -> None:
+        v = _scalar(value, self.device)
+        self._tot[name] = self._tot[name] + v if name in self._tot else v
+
+    def add_output(self, out: LossOutput, loss: torch.Tensor, tokens: Number) -> None:
+        self.add("loss", loss, out.weight)
+        self.count("weight", out.weight)
+        self.count("tokens", tokens)
+        for k, v in out.metrics.items():
+            value, weight = v if isinstance(v, tuple) else (v, out.weight)
+            self.add(k, value, weight)
+
+    def reduce(self) -> tuple[dict[str, float | None], dict[str, float]]:
+        means, totals = sorted(self._num), sorted(self._tot)
+        flat = [self._num[k] for k in means] + [self._den[k] for k in means] + [self._tot[k] for k in totals]
+        if not flat:
+            return {}, {}
+        t = dist.all_reduce_sum(torch.stack(flat))
+        vals = t.tolist()
+        n = len(means)
+        out_means = {k: (vals[i] / vals[n + i] if vals[n + i] > 0 else None) for i, k in enumerate(means)}
+        out_tot = {k: vals[2 * n + i] for i, k in enumerate(totals)}
+        return out_means, out_tot
+
+
+# ----------------------------------------------------------------------------------------------------
+# the pieces: setup, frozen models, one optimizer step, evaluation, checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSession:
+    """Everything one training run holds between optimizer steps (see ``setup``)."""
+
+    model: nn.Module  # the bare model: what checkpoints hold
+    wrapped: nn.Module  # what to call: DDP / FSDP2 / compiled, or the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    params: list[nn.Parameter]  # trainable parameters
+    cfg: Any
+    env: dist.DistEnv
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    run_dir: Path
+    run_config: dict[str, Any]
+    config_hash: str
+    model_io: ModelIO
+    description: str
+    objective_name: str
+    stateful: dict[str, Any]  # objects with state_dict()/load_state_dict() saved in every checkpoint
+    step: int = 0
+    tokens_seen: int = 0
+    skipped: int = 0
+    train_time: float = 0.0
+    loss_ema: float | None = None  # running mean loss (EMA) for spike detection
+    ema_steps: int = 0
+    resumed_from: Path | None = None
+    num_parameters: int = 0
+    trainable_parameters: int = 0
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def fsdp(self) -> bool:
+        return _is_fsdp(self.wrapped)
+
+    @property
+    def ddp(self) -> bool:
+        return isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The module to evaluate with: FSDP2 must be called through its wrapper, DDP need not."""
+        return self.wrapped if self.fsdp else _unwrap(self.wrapped)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def setup(
+    model: nn.Module,
+    cfg,
+    *,
+    run_dir: Path,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    model_io: ModelIO | None = None,
+    run_config: dict[str, Any] | None = None,
+    resume: str | Path | None = None,
+    env: dist.DistEnv | None = None,
+    description: str = "train",
+    objective_name: str = "",
+    stateful: dict[str, Any] | None = None,
+) -> TrainSession:
+    """Resume (or start), place, wrap and build the optimizer for ``model`` (see the module docstring).
+
+    ``model`` is the bare module, initialised identically on every rank, with the parameters that must not
+    train already frozen (``requires_grad=False``). ``stateful`` objects (the data reader, a recipe's own
+    state) are restored from the resume checkpoint and saved in every new one.
+    """
+    env = env or dist.DistEnv()
+    device = torch.device(device)
+    model_io = model_io or SafetensorsIO()
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    run_config = run_config if run_config is not None else cfg.model_dump(mode="json")
+    chash = config_hash(run_config)
+    resume = cfg.resume if resume is None else resume
+    stateful = dict(stateful or {})
+
+    if env.is_main:
+        clean_stale(ckpt_root)
+        if str(resume).lower() == "false" and ckpt_root.exists():
+            log.info("resume: false — deleting the previous checkpoints in %s", ckpt_root)
+            shutil.rmtree(ckpt_root)
+    dist.barrier()
+    resume_dir = _resolve_resume(resume, ckpt_root)
+    state: dict[str, Any] | None = None
+    only = _trainable_names(model) if _trainable_only(model_io) else None
+    if resume_dir is not None:
+        state = load_trainer_state(resume_dir)
+        load_model_weights(model, model_io.load(resume_dir), resume_dir, only=only)
+        if state["config_hash"] != chash:
+            diffs = config_diff(state.get("config", {}), run_config)
+            log.warning(
+                "resuming from %s with a different configuration (%s); the run will not match an "
+                "uninterrupted one. Set resume: false to start over.",
+                resume_dir,
+                "; ".join(diffs[:8]) or "hash differs",
+            )
+
+    _seed_everything(seed + env.rank)  # dropout differs per rank; restored exactly on resume
+    model.to(device)
+    model.train()
+    wrapped = wrap_model(model, cfg.strategy, env, device, cfg.compile)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError(f"{description}: the model has no trainable parameters")
+    amp_dtype = resolve_precision(cfg.precision, device)
+    optimizer = build_optimizer(wrapped, cfg, device)
+    session = TrainSession(
+        model=model,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg),
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        params=params,
+        cfg=cfg,
+        env=env,
+        device=device,
+        amp_dtype=amp_dtype,
+        run_dir=run_dir,
+        run_config=run_config,
+        config_hash=chash,
+        model_io=model_io,
+        description=description,
+        objective_name=objective_name or description,
+        stateful=stateful,
+        resumed_from=resume_dir,
+        num_parameters=sum(p.numel() for p in _unwrap(wrapped).parameters()),
+        trainable_parameters=sum(p.numel() for p in _unwrap(wrapped).parameters() if p.requires_grad),
+    )
+    if state is not None:
+        _restore(session, state, resume_dir)
+    return session
+
+
+def _restore(session: TrainSession, state: dict[str, Any], resume_dir: Path) -> None:
+    env = session.env
+    _load_optim_state(session.wrapped, session.optimizer, state["optimizer"])
+    session.scheduler.load_state_dict(state["scheduler"])
+    if session.scaler is not None and state.get("scaler"):
+        session.scaler.load_state_dict(state["scaler"])
+    saved = state.get("stateful") or {"data": state.get("data")}
+    for name, obj in session.stateful.items():
+        if saved.get(name) is None:
+            raise CheckpointError(
+                f"{resume_dir}: the checkpoint has no saved state for {name!r}; it was written by another "
+                "kind of run — set resume: false"
+            )
+        obj.load_state_dict(saved[name])
+    session.step = int(state["step"])
+    session.tokens_seen, session.skipped = int(state["tokens_seen"]), int(state["skipped_steps"])
+    session.loss_ema, session.ema_steps = state.get("loss_ema"), int(state.get("loss_ema_steps", 0))
+    session.train_time = float(state["train_time"])
+    rngs = state["rng"]
+    if state["world_size"] != env.world_size:
+        log.warning(
+            "checkpoint was written by %d processes, resuming with %d: data order is kept, random "
+            "states (dropout) are not",
+            state["world_size"],
+            env.world_size,
+        )
+    set_rng_state(rngs[env.rank % len(rngs)])
+    log.info(
+        "resumed from %s at step %d (%s tokens seen)", resume_dir, session.step, f"{session.tokens_seen:,}"
+    )
+
+
+def place_frozen(
+    frozen: dict[str, nn.Module], device: torch.device, dtype: torch.dtype | None = None
+) -> None:
+    """Put the models a loss reads but does not train on ``device`` (and ``dtype``), in eval mode, with
+    gradients off. They are never handed to the optimizer or written into checkpoints."""
+    for module in frozen.values():
+        module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+        module.eval()
+        module.requires_grad_(False)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did; metrics are the loss function's, reduced over the global batch."""
+
+    step: int  # optimizer steps completed, this one included
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    seconds: float
+    applied: bool
+    reason: str | None = None  # "spike" or "non-finite" when the update was skipped
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def optimizer_step(
+    session: TrainSession,
+    next_batch: Callable[[], Batch],
+    loss_fn: LossFn,
+    *,
+    grad_accum: int | None = None,
+    spike_factor: float = 0.0,
+    spike_warmup_steps: int = 20,
+    loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> StepStats:
+    """One optimizer step over ``grad_accum`` micro-batches from ``next_batch()`` (see the module docstring).
+
+    Raises ``TrainingError`` when the nan policy says stop. ``loss_hook(step, loss) -> loss`` sees every
+    micro-batch loss (tests inject NaNs and spikes through it).
+    """
+    cfg, wrapped, optimizer, scaler = session.cfg, session.wrapped, session.optimizer, session.scaler
+    grad_accum = grad_accum or cfg.grad_accum
+    description, step = session.description, session.step
+    t0 = time.perf_counter()
+    lr = session.scheduler.get_last_lr()[0]
+    sums = WeightedSums(session.device)
+    for micro in range(grad_accum):
+        batch = _to_device(next_batch(), session.device)
+        last_micro = micro == grad_accum - 1
+        sync = contextlib.nullcontext()
+        if session.ddp and not last_micro:
+            sync = wrapped.no_sync()
+        elif session.fsdp:
+            wrapped.set_requires_gradient_sync(last_micro)
+        with sync:
+            with session.autocast():
+                out = _as_output(loss_fn(wrapped, batch))
+            loss = out.loss if loss_hook is None else loss_hook(step, out.loss)
+            w = torch.as_tensor(out.weight, dtype=torch.float32, device=session.device)
+            scaled = loss.float() * w
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        sums.add_output(out, loss, out.tokens if out.tokens is not None else _count_tokens(batch))
+    means, totals = sums.reduce()
+    weight_sum, step_tokens = totals["weight"], int(totals["tokens"])
+    if weight_sum <= 0:
+        raise TrainingError(
+            f"step {step}: the batch has no units to learn from (loss weight 0); check the data "
+            "(e.g. an SFT batch whose assistant mask is all zero)"
+        )
+    step_loss = float(means["loss"])  # weight_sum > 0, so defined
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grads = _grads(session.params)
+    # DDP/FSDP averaged over ranks; turn Σ_rank-mean of Σ(loss·w) into the global mean
+    world = session.env.world_size
+    scale = world / weight_sum if (session.ddp or session.fsdp) else 1.0 / weight_sum
+    if session.fsdp:
+        for g in grads:
+            g.mul_(scale)
+    elif grads:
+        torch._foreach_mul_(grads, scale)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(session.params, max_norm, foreach=None)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    grad_norm = float(norm)
+    finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None)
+    # A loss spike (far above the running mean) is treated like a non-finite loss: applying its update is
+    # how runs diverge. The decision uses the all-reduced loss, so every rank agrees.
+    spike = (
+        finite
+        and spike_factor > 0
+        and session.loss_ema is not None
+        and session.ema_steps >= spike_warmup_steps
+        and step_loss > spike_factor * session.loss_ema
+    )
+    if finite and not spike:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    session.scheduler.step()
+    dt = time.perf_counter() - t0
+    session.tokens_seen += step_tokens
+    session.train_time += dt
+    session.step = done = step + 1
+
+    reason = None
+    if not finite or spike:
+        session.skipped += 1
+        reason = "spike" if spike else "non-finite"
+        if spike:
+            msg = (
+                f"step {done}: loss spike {step_loss:.4g} > {spike_factor:g} x running mean "
+                f"{session.loss_ema:.4g} ({description}.spike_factor)"
+            )
+        else:
+            msg = f"step {done}: non-finite loss {step_loss} / grad norm {grad_norm}"
+        if cfg.nan_policy == "stop":
+            raise TrainingError(
+                f"{msg}; stopping (nan_policy: stop). Lower {description}.lr, keep grad_clip on, or "
+                f"set {description}.nan_policy: skip; resume continues from the last checkpoint"
+            )
+        log.warning("%s; update skipped (%d skipped so far)", msg, session.skipped)
+        if session.skipped > cfg.max_skipped_steps:
+            raise TrainingError(
+                f"{session.skipped} steps had a loss spike or a non-finite loss or gradient "
+                f"(max_skipped_steps: {cfg.max_skipped_steps}); the run diverged. Lower {description}.lr or "
+                f"increase {description}.warmup_steps, then resume from the last checkpoint"
+            )
+    else:
+        ema = session.loss_ema
+        session.loss_ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
+        session.ema_steps += 1
+    metrics = {k: v for k, v in means.items() if k != "loss" and v is not None}
+    return StepStats(
+        step=done,
+        loss=step_loss,
+        grad_norm=grad_norm,
+        lr=lr,
+        tokens=step_tokens,
+        seconds=dt,
+        applied=reason is None,
+        reason=reason,
+        metrics=metrics,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    objective: Objective | LossFn,
+    device: torch.device,
+    autocast,
+    batches: Iterable[Batch] | None = None,
+) -> dict[str, float] | None:
+    """Weighted mean loss (``val_loss``) and metrics (``val_<name>``) over every rank's validation batches.
+
+    ``objective`` gives the loss function and, unless ``batches`` is given, the validation set. Returns None
+    when there is nothing to evaluate. Every rank must call it (one all-reduce).
+    """
+    loss_fn = objective.loss_fn if isinstance(objective, Objective) else objective
+    if batches is None:
+        if not isinstance(objective, Objective) or objective.val_data is None:
+            return None
+        batches = objective.val_data()
     was_training = model.training
     model.eval()
-    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = WeightedSums(device)
     with torch.no_grad():
-        for batch in objective.val_data():
+        for batch in batches:
+            batch = _to_device(batch, device)
             with autocast():
-                out = _as_output(objective.loss_fn(model, _to_device(batch, device)))
-            w = torch.as_tensor(out.weight, dtype=torch.float64, device=device)
-            acc[0] += out.loss.detach().double() * w
-            acc[1] += w
-    dist.all_reduce_sum(acc)
+                out = _as_output(loss_fn(model, batch))
+            sums.add_output(out, out.loss, out.tokens if out.tokens is not None else _count_tokens(batch))
     model.train(was_training)
-    if acc[1].item() == 0:
+    means, totals = sums.reduce()
+    if not totals or totals.get("weight", 0) <= 0:
         return None
-    return float(acc[0] / acc[1])
+    out = {"val_loss": float(means["loss"])}
+    out.update({f"val_{k}": float(v) for k, v in means.items() if k != "loss" and v is not None})
+    return out
+
+
+def save_checkpoint(session: TrainSession) -> Path:
+    """Checkpoint the session at its current step (a collective: every rank must call it)."""
+    params, step = session.params, session.step
+    # never persist a broken model: every rank checks its (shard of the) weights first
+    if not _all_finite(params):
+        raise TrainingError(
+            f"step {step}: the weights contain NaN/Inf, refusing to write a checkpoint; lower "
+            f"{session.description}.lr or enable grad_clip, and resume from the previous checkpoint"
+        )
+    model_state = _full_model_state(session.wrapped)
+    if _trainable_only(session.model_io):
+        keep = _trainable_names(session.model)
+        model_state = {k: v for k, v in model_state.items() if k in keep}
+    optim_state = _full_optim_state(session.wrapped, session.optimizer)
+    rngs = dist.all_gather_object(rng_state())
+    path = session.ckpt_root / f"step_{step:06d}"
+    if session.env.is_main:
+        stateful = {name: obj.state_dict() for name, obj in session.stateful.items()}
+        ts = TrainerState(
+            step=step,
+            tokens_seen=session.tokens_seen,
+            skipped_steps=session.skipped,
+            train_time=session.train_time,
+            optimizer=optim_state,
+            scheduler=session.scheduler.state_dict(),
+            data=stateful.get("data", {}),
+            rng=rngs,
+            config=session.run_config,
+            config_hash=session.config_hash,
+            world_size=session.env.world_size,
+            scaler=session.scaler.state_dict() if session.scaler is not None else None,
+            objective=session.objective_name,
+            loss_ema=session.loss_ema,
+            loss_ema_steps=session.ema_steps,
+            stateful=stateful,
+        )
+        write_checkpoint(
+            session.ckpt_root,
+            step,
+            model_state=model_state,
+            trainer_state=ts,
+            model_io=session.model_io,
+            keep_last=session.cfg.keep_last,
+        )
+        log.info("checkpoint %s", path)
+    dist.barrier()
+    return path
+
+
+def _trainable_only(model_io: ModelIO) -> bool:
+    """An adapter ``ModelIO`` (LoRA) stores only the trainable weights; the frozen base comes from elsewhere."""
+    return bool(getattr(model_io, "trainable_only", False))
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------
+# train(): the pieces composed for "a loss plus a batch source"
+# ----------------------------------------------------------------------------------------------------
 
 
 def _as_output(out: LossOutput | torch.Tensor) -> LossOutput:
@@ -368,6 +876,7 @@ def train(
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     description: str | None = None,
     env: dist.DistEnv | None = None,
+    frozen_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``objective`` with the knobs of ``cfg`` (a ``TrainSection``).
 
@@ -376,297 +885,132 @@ def train(
     ``run_dir/checkpoints`` (model files written by ``model_io``), metrics to ``run_dir/metrics.jsonl``.
     ``run_config`` is what defines the run (hashed into checkpoints; resume warns when it differs);
     ``resume`` overrides ``cfg.resume``; ``loss_hook(step, loss) -> loss`` sees every micro-batch loss
-    (tests inject NaNs through it). Returns a ``TrainResult`` (the same on every rank).
+    (tests inject NaNs through it). The objective's frozen models are placed on ``device`` (in
+    ``frozen_dtype`` if given). Returns a ``TrainResult`` (the same on every rank).
     """
     env = env or dist.DistEnv()
-    device = torch.device(device)
-    model_io = model_io or SafetensorsIO()
-    run_dir = Path(run_dir)
-    ckpt_root = run_dir / "checkpoints"
     description = description or objective.name
-    run_config = run_config if run_config is not None else cfg.model_dump(mode="json")
-    chash = config_hash(run_config)
-    resume = cfg.resume if resume is None else resume
-    amp_dtype = resolve_precision(cfg.precision, device)
-
-    # -- where do we start? ------------------------------------------------------------------------------
-    if env.is_main:
-        clean_stale(ckpt_root)
-        if str(resume).lower() == "false" and ckpt_root.exists():
-            log.info("resume: false — deleting the previous checkpoints in %s", ckpt_root)
-            shutil.rmtree(ckpt_root)
-    dist.barrier()
-    resume_dir = _resolve_resume(resume, ckpt_root)
-    state: dict[str, Any] | None = None
-    if resume_dir is not None:
-        state = load_trainer_state(resume_dir)
-        load_model_weights(model, model_io.load(resume_dir), resume_dir)
-        if state["config_hash"] != chash:
-            diffs = config_diff(state.get("config", {}), run_config)
-            log.warning(
-                "resuming from %s with a different configuration (%s); the run will not match an "
-                "uninterrupted one. Set resume: false to start over.",
-                resume_dir,
-                "; ".join(diffs[:8]) or "hash differs",
-            )
-    start_step = int(state["step"]) if state else 0
-
-    # -- model, optimizer, schedule --------------------------------------------------------------------------
-    _seed_everything(seed + env.rank)  # dropout differs per rank; restored exactly on resume
-    model.to(device)
-    model.train()
-    wrapped = wrap_model(model, cfg.strategy, env, device, cfg.compile)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    num_params = sum(p.numel() for p in _unwrap(wrapped).parameters())
-    optimizer = build_optimizer(wrapped, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    tokens_seen, skipped, train_time = 0, 0, 0.0
-    loss_ema, ema_steps = None, 0  # running mean loss (EMA) for spike detection
-    if state is not None:
-        _load_optim_state(wrapped, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        objective.train_data.load_state_dict(state["data"])
-        tokens_seen, skipped = int(state["tokens_seen"]), int(state["skipped_steps"])
-        loss_ema, ema_steps = state.get("loss_ema"), int(state.get("loss_ema_steps", 0))
-        train_time = float(state["train_time"])
-        rngs = state["rng"]
-        if state["world_size"] != env.world_size:
-            log.warning(
-                "checkpoint was written by %d processes, resuming with %d: data order is kept, random "
-                "states (dropout) are not",
-                state["world_size"],
-                env.world_size,
-            )
-        set_rng_state(rngs[env.rank % len(rngs)])
-        log.info("resumed from %s at step %d (%s tokens seen)", resume_dir, start_step, f"{tokens_seen:,}")
+    session = setup(
+        model,
+        cfg,
+        run_dir=run_dir,
+        device=device,
+        seed=seed,
+        model_io=model_io,
+        run_config=run_config,
+        resume=resume,
+        env=env,
+        description=description,
+        objective_name=objective.name,
+        stateful={"data": objective.train_data},
+    )
+    place_frozen(objective.frozen, session.device, frozen_dtype)
+    start_step = session.step
+    run_dir = session.run_dir
 
     if env.is_main:
-        MetricsWriter.truncate(run_dir, start_step if state else None)
+        MetricsWriter.truncate(run_dir, start_step if session.resumed_from else None)
     writer = MetricsWriter(
         run_dir,
         enabled=env.is_main,
         tensorboard=getattr(cfg, "tensorboard", False),
         wandb=cfg.wandb.model_dump() if hasattr(cfg, "wandb") else None,
-        config=run_config,
+        config=session.run_config,
     )
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-    fsdp = _is_fsdp(wrapped)
-    ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
-    peak = peak_flops(device, amp_dtype)
-    flops_fn = getattr(_unwrap(wrapped), "flops_per_token", None)
+    peak = peak_flops(session.device, session.amp_dtype)
+    flops_fn = getattr(_unwrap(session.wrapped), "flops_per_token", None)
     history: list[dict[str, Any]] = []
     last_loss: float | None = None
-    val_loss: float | None = None
-    last_ckpt: Path | None = resume_dir
+    val: dict[str, float] | None = None
+    last_ckpt: Path | None = session.resumed_from
     window_tokens, window_time = 0, 0.0
     session_tokens, session_time = 0, 0.0
     tok_per_s: float | None = None
-    seq_len = None
+    seq_len: int | None = None
+    train_iter: Iterator[Batch] = objective.train_data  # type: ignore[assignment]
 
-    def checkpoint(step: int) -> Path:
-        # never persist a broken model: every rank checks its (shard of the) weights first
-        if not _all_finite(params):
-            raise TrainingError(
-                f"step {step}: the weights contain NaN/Inf, refusing to write a checkpoint; lower "
-                f"{description}.lr or enable grad_clip, and resume from the previous checkpoint"
-            )
-        model_state = _full_model_state(wrapped)
-        optim_state = _full_optim_state(wrapped, optimizer)
-        rngs = dist.all_gather_object(rng_state())
-        path = ckpt_root / f"step_{step:06d}"
-        if env.is_main:
-            ts = TrainerState(
-                step=step,
-                tokens_seen=tokens_seen,
-                skipped_steps=skipped,
-                train_time=train_time,
-                optimizer=optim_state,
-                scheduler=scheduler.state_dict(),
-                data=objective.train_data.state_dict(),
-                rng=rngs,
-                config=run_config,
-                config_hash=chash,
-                world_size=env.world_size,
-                scaler=scaler.state_dict() if scaler is not None else None,
-                objective=objective.name,
-                loss_ema=loss_ema,
-                loss_ema_steps=ema_steps,
-            )
-            save_checkpoint(
-                ckpt_root,
-                step,
-                model_state=model_state,
-                trainer_state=ts,
-                model_io=model_io,
-                keep_last=cfg.keep_last,
-            )
-            log.info("checkpoint %s", path)
-        dist.barrier()
-        return path
+    def next_batch() -> Batch:
+        nonlocal seq_len
+        batch = next(train_iter)
+        if seq_len is None and isinstance(batch.get("input_ids"), torch.Tensor):
+            seq_len = int(batch["input_ids"].shape[-1])
+        return batch
 
     if env.is_main and start_step < cfg.max_steps:
         log.info(
-            "%s: %s parameters, %d process(es) on %s, %s, %d x %d x %d sequences per step, steps %d-%d",
-            description, f"{num_params:,}", env.world_size, device.type,
-            str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+            "%s: %s parameters (%s trainable), %d process(es) on %s, %s, %d x %d x %d sequences per step, "
+            "steps %d-%d",
+            description, f"{session.num_parameters:,}", f"{session.trainable_parameters:,}", env.world_size,
+            session.device.type,
+            str(session.amp_dtype).removeprefix("torch.") if session.amp_dtype else "fp32",
             env.world_size, cfg.batch_size, cfg.grad_accum, start_step + 1, cfg.max_steps,
         )  # fmt: skip
-    train_iter: Iterator[Batch] = objective.train_data  # type: ignore[assignment]
     bar_ctx = (
         console.progress(description, total=cfg.max_steps - start_step, unit="step")
         if env.is_main
         else contextlib.nullcontext()
     )
     with bar_ctx as bar:
-        for step in range(start_step, cfg.max_steps):
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            acc = torch.zeros(3, dtype=torch.float64, device=device)  # Σ loss·w, Σ w, tokens
-            for micro in range(cfg.grad_accum):
-                batch = _to_device(next(train_iter), device)
-                last_micro = micro == cfg.grad_accum - 1
-                sync = contextlib.nullcontext()
-                if ddp and not last_micro:
-                    sync = wrapped.no_sync()
-                elif fsdp:
-                    wrapped.set_requires_gradient_sync(last_micro)
-                with sync:
-                    with autocast():
-                        out = _as_output(objective.loss_fn(wrapped, batch))
-                    loss = out.loss if loss_hook is None else loss_hook(step, out.loss)
-                    w = torch.as_tensor(out.weight, dtype=torch.float32, device=device)
-                    scaled = loss.float() * w
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                acc[0] += loss.detach().double() * w
-                acc[1] += w
-                acc[2] += _count_tokens(batch)
-                if seq_len is None and "input_ids" in batch:
-                    seq_len = int(batch["input_ids"].shape[-1])
-            dist.all_reduce_sum(acc)
-            loss_sum, weight_sum, step_tokens = acc.tolist()
-            if weight_sum <= 0:
-                raise TrainingError(
-                    f"step {step}: the batch has no units to learn from (loss weight 0); check the data "
-                    "(e.g. an SFT batch whose assistant mask is all zero)"
-                )
-            step_loss = loss_sum / weight_sum
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grads = _grads(params)
-            # DDP/FSDP averaged over ranks; turn Σ_rank-mean of Σ(loss·w) into the global mean
-            scale = env.world_size / weight_sum if (ddp or fsdp) else 1.0 / weight_sum
-            if fsdp:
-                for g in grads:
-                    g.mul_(scale)
-            else:
-                torch._foreach_mul_(grads, scale)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=None)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            grad_norm = float(norm)
-            finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None)
-            # A loss spike (far above the running mean) is treated like a non-finite loss: applying its update
-            # is how runs diverge. The decision uses the all-reduced loss, so every rank agrees.
-            spike = (
-                finite
-                and cfg.spike_factor > 0
-                and loss_ema is not None
-                and ema_steps >= cfg.spike_warmup_steps
-                and step_loss > cfg.spike_factor * loss_ema
+        while session.step < cfg.max_steps:
+            st = optimizer_step(
+                session,
+                next_batch,
+                objective.loss_fn,
+                spike_factor=objective.spike_factor,
+                spike_warmup_steps=objective.spike_warmup_steps,
+                loss_hook=loss_hook,
             )
-            if finite and not spike:
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            tokens_seen += int(step_tokens)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            window_tokens += int(step_tokens)
-            window_time += dt
-            session_tokens += int(step_tokens)
-            session_time += dt
-            done = step + 1
+            done = st.step
+            window_tokens += st.tokens
+            window_time += st.seconds
+            session_tokens += st.tokens
+            session_time += st.seconds
+            if st.applied:
+                last_loss = st.loss
 
-            if not finite or spike:
-                skipped += 1
-                if spike:
-                    msg = (
-                        f"step {done}: loss spike {step_loss:.4g} > {cfg.spike_factor:g} x running mean "
-                        f"{loss_ema:.4g} ({description}.spike_factor)"
-                    )
-                else:
-                    msg = f"step {done}: non-finite loss {step_loss} / grad norm {grad_norm}"
-                if cfg.nan_policy == "stop":
-                    raise TrainingError(
-                        f"{msg}; stopping (nan_policy: stop). Lower {description}.lr, keep grad_clip on, or "
-                        f"set {description}.nan_policy: skip; resume continues from the last checkpoint"
-                    )
-                log.warning("%s; update skipped (%d skipped so far)", msg, skipped)
-                if skipped > cfg.max_skipped_steps:
-                    raise TrainingError(
-                        f"{skipped} steps had a loss spike or a non-finite loss or gradient (max_skipped_steps: "
-                        f"{cfg.max_skipped_steps}); the run diverged. Lower {description}.lr or increase "
-                        f"{description}.warmup_steps, then resume from the last checkpoint"
-                    )
-            else:
-                last_loss = step_loss
-                loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
-                ema_steps += 1
-
-            row: dict[str, Any] | None = None
-            if done % cfg.log_every == 0 or done == cfg.max_steps or not finite or spike:
+            if done % cfg.log_every == 0 or done == cfg.max_steps or not st.applied:
                 tok_per_s = window_tokens / window_time if window_time > 0 else None
-                row = {
+                row: dict[str, Any] = {
                     "step": done,
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": tokens_seen,
+                    "loss": st.loss,
+                    "lr": st.lr,
+                    "grad_norm": st.grad_norm,
+                    "tokens": session.tokens_seen,
                 }
                 if tok_per_s is not None:
                     row["tok_per_s"] = tok_per_s
                     if peak and flops_fn is not None and seq_len:
                         row["mfu"] = tok_per_s * flops_fn(seq_len) / (peak * env.world_size)
-                if skipped:
-                    row["skipped"] = skipped
-                for k, v in out.metrics.items():
-                    row[k] = float(v)
+                if session.skipped:
+                    row["skipped"] = session.skipped
+                row.update(st.metrics)
                 writer.log(row)
                 history.append(row)
                 window_tokens, window_time = 0, 0.0
             if bar is not None:
-                fields: dict[str, Any] = {"loss": round(step_loss, 4), "lr": f"{lr:.2e}"}
+                fields: dict[str, Any] = {"loss": round(st.loss, 4), "lr": f"{st.lr:.2e}"}
                 if tok_per_s:
                     fields["tok/s"] = int(tok_per_s)
                 bar.advance(1, **fields)
 
             is_last = done == cfg.max_steps
             if (cfg.eval_every and done % cfg.eval_every == 0) or is_last:
-                val_loss = evaluate(wrapped if fsdp else _unwrap(wrapped), objective, device, autocast)
-                if val_loss is not None:
-                    vrow = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+                val = evaluate(session.eval_model, objective, session.device, session.autocast)
+                if val is not None:
+                    vrow = {"step": done, **val, "val_ppl": math.exp(min(val["val_loss"], 700.0))}
                     writer.log(vrow)
                     history.append(vrow)
-                    log.info("step %d: val_loss %.4f (ppl %.2f)", done, val_loss, vrow["val_ppl"])
+                    log.info("step %d: val_loss %.4f (ppl %.2f)", done, val["val_loss"], vrow["val_ppl"])
             if (cfg.save_every and done % cfg.save_every == 0) or is_last:
-                last_ckpt = checkpoint(done)
+                last_ckpt = save_checkpoint(session)
 
     if start_step >= cfg.max_steps:
-        log.info("checkpoint %s is already at max_steps (%d); nothing to train", resume_dir, cfg.max_steps)
-        val_loss = evaluate(wrapped if fsdp else _unwrap(wrapped), objective, device, autocast)
+        log.info(
+            "checkpoint %s is already at max_steps (%d); nothing to train",
+            session.resumed_from,
+            cfg.max_steps,
+        )
+        val = evaluate(session.eval_model, objective, session.device, session.autocast)
         if env.is_main:  # report the finished run's last training loss
             from .metrics import read_metrics
 
@@ -677,14 +1021,16 @@ def train(
     tok_per_s = session_tokens / session_time if session_time > 0 else None
     return TrainResult(
         step=max(start_step, cfg.max_steps),
-        tokens_seen=tokens_seen,
-        skipped_steps=skipped,
+        tokens_seen=session.tokens_seen,
+        skipped_steps=session.skipped,
         train_loss=last_loss,
-        val_loss=val_loss,
+        val_loss=val["val_loss"] if val else None,
         tokens_per_s=tok_per_s,
-        train_time=train_time,
-        num_parameters=num_params,
+        train_time=session.train_time,
+        num_parameters=session.num_parameters,
         checkpoint=last_ckpt,
-        resumed_from=resume_dir,
+        resumed_from=session.resumed_from,
         history=history,
+        trainable_parameters=session.trainable_parameters,
+        val_metrics={k: v for k, v in (val or {}).items() if k != "val_loss"},
     )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.llama import IGNORE_INDEX, Llama
-from .loop import LossOutput
+from .loop import BatchSource, LossOutput, Objective
 
 
 def _computes_own_loss(model: nn.Module) -> bool:
@@ -31,8 +31,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutp
     """
     labels = batch["labels"]
     n = (labels != IGNORE_INDEX).sum()
+    tokens = batch["input_ids"].numel()  # packed windows: every input token is real
     if _computes_own_loss(model):
-        return LossOutput(loss=model(batch["input_ids"], labels=labels), weight=n)
+        return LossOutput(loss=model(batch["input_ids"], labels=labels), weight=n, tokens=tokens)
     out = model(batch["input_ids"])
     logits = getattr(out, "logits", out)
     # fp32 softmax: bf16 log-probabilities over a large vocabulary lose the small differences that matter
@@ -42,4 +43,17 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutp
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return LossOutput(loss=loss_sum / n.clamp(min=1), weight=n)
+    return LossOutput(loss=loss_sum / n.clamp(min=1), weight=n, tokens=tokens)
+
+
+def pretrain_objective(train_data: BatchSource, val_batches: list | None, cfg) -> Objective:
+    """The pretraining objective; it opts into loss-spike detection (``cfg.spike_factor``), which suits the
+    smooth loss curve of next-token prediction on shuffled web text."""
+    return Objective(
+        "pretrain",
+        causal_lm_loss,
+        train_data,
+        val_data=(lambda: val_batches) if val_batches else None,
+        spike_factor=cfg.spike_factor,
+        spike_warmup_steps=cfg.spike_warmup_steps,
+    )

@@ -173,8 +173,8 @@ def _train_here(ctx: StageContext) -> StageResult:
     from . import dist
     from .checkpoint import link_or_copy_tree, share_dir
     from .data import PackedBatches, ShardIndex, eval_batches
-    from .loop import Objective, resolve_device, train
-    from .pretrain import causal_lm_loss
+    from .loop import resolve_device, train
+    from .pretrain import pretrain_objective
 
     m = ctx.manifest
     cfg, project = m.pretrain, m.project
@@ -237,7 +237,7 @@ def _train_here(ctx: StageContext) -> StageResult:
         )
     if not val:
         log.warning("no validation data (the val split is smaller than one batch); val loss is not reported")
-    objective = Objective("pretrain", causal_lm_loss, data, val_data=(lambda: val) if val else None)
+    objective = pretrain_objective(data, val, cfg)
 
     if cfg.wandb.enabled and cfg.wandb.project is None:
         cfg = cfg.model_copy(update={"wandb": cfg.wandb.model_copy(update={"project": project.name})})

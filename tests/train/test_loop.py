@@ -9,9 +9,9 @@ from llmforge.manifest import Manifest
 from llmforge.model import Llama, preset_config
 from llmforge.train.checkpoint import list_checkpoints
 from llmforge.train.data import PackedBatches, ShardIndex, eval_batches
-from llmforge.train.loop import Objective, param_groups, train
+from llmforge.train.loop import param_groups, train
 from llmforge.train.metrics import read_metrics
-from llmforge.train.pretrain import causal_lm_loss
+from llmforge.train.pretrain import pretrain_objective
 
 from .helpers import TINY_MODEL, VOCAB, make_shards, pretrain_section
 
@@ -36,7 +36,7 @@ def _cfg(**over):
 def _objective(index, cfg, val=True):
     data = PackedBatches(index.open("train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=5)
     vb = eval_batches(index.open("val"), seq_len=cfg.seq_len, batch_size=cfg.batch_size, num_batches=4)
-    return Objective("pretrain", causal_lm_loss, data, (lambda: vb) if val else None)
+    return pretrain_objective(data, vb if val else None, cfg)
 
 
 def _run(tmp_path, index, model=None, hook=None, **over):
