@@ -124,11 +124,22 @@ def _fmt_num(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _fmt_secs(s: float) -> str:
-    s = int(max(s, 0))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+def format_duration(seconds: float | None) -> str:
+    """Seconds as people read them: ``"2.3s"``, ``"1m02s"``, ``"2h05m"`` (``""`` for None: not measured).
+
+    The one duration format of llmforge: progress lines, the run summary and ``status`` all use it, so a time
+    reads the same wherever it is shown. Negative values (clock skew) read as zero.
+    """
+    if seconds is None:
+        return ""
+    s = max(float(seconds), 0.0)
+    if round(s, 1) < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(round(s), 60)
+    if m < 60:
+        return f"{m}m{sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
 
 
 class Progress:
@@ -176,10 +187,10 @@ class Progress:
             pct = 100.0 * self.completed / self.total
             head = f"{self.description}: {done}/{_fmt_num(self.total)} {self.unit} ({pct:.0f}%)"
             if not final and rate > 0:
-                head += f" eta {_fmt_secs((self.total - self.completed) / rate)}"
+                head += f" eta {format_duration((self.total - self.completed) / rate)}"
         else:
             head = f"{self.description}: {done} {self.unit}"
-        head += f" {_fmt_num(rate)} {self.unit}/s elapsed {_fmt_secs(el)}"
+        head += f" {_fmt_num(rate)} {self.unit}/s elapsed {format_duration(el)}"
         f = self._fields_text()
         return f"{head} {f}".rstrip() + (" done" if final else "")
 

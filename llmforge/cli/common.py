@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..console import format_duration
 from ..errors import UserInputError
 
 ManifestOpt = Annotated[
@@ -66,18 +67,6 @@ def only_overrides(args: list[str] | None) -> list[str]:
     return overrides
 
 
-def fmt_secs(s: float | None) -> str:
-    if s is None:
-        return ""
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(int(s), 60)
-    if m < 60:
-        return f"{m}m{sec:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m"
-
-
 def fmt_metric(v: Any) -> str:
     if isinstance(v, bool):
         return str(v)
@@ -130,7 +119,7 @@ def run_stages(loaded, targets, *, force=(), only=False, options=None) -> list:
                     f"[green]•[/] {spec.name} [dim]cached (inputs unchanged, {payload.fingerprint[:12]})[/]"
                 )
             else:
-                console.print(f"[bold green]✓ {spec.name}[/] done in {fmt_secs(payload.wall_time_s)}")
+                console.print(f"[bold green]✓ {spec.name}[/] done in {format_duration(payload.wall_time_s)}")
                 render_result(spec.name, payload.result)
 
     outcomes = pipeline.run(
@@ -147,7 +136,7 @@ def run_stages(loaded, targets, *, force=(), only=False, options=None) -> list:
         t.add_row(
             o.name,
             "ran" if o.action == "ran" else "[dim]cached[/]",
-            fmt_secs(o.wall_time_s) if o.action == "ran" else "",
+            format_duration(o.wall_time_s) if o.action == "ran" else "",
             "\n".join(v["path"] for v in outs.values()),
         )
     console.print(t)

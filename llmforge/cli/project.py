@@ -8,13 +8,13 @@ from typing import Annotated
 
 import typer
 
+from ..console import format_duration
 from ..errors import UserInputError
 from .common import (
     DEFAULT_MANIFEST,
     ManifestOpt,
     OverridesArg,
     fmt_metric,
-    fmt_secs,
     load_manifest,
     only_overrides,
     out,
@@ -239,7 +239,7 @@ def status(
             f"[{_STATE_STYLE.get(r.state, '')}]{r.state}[/]",
             (lin.get("fingerprint") or "")[:12],
             _ago(lin.get("finished_at")),
-            fmt_secs(lin.get("wall_time_s")) if lin else "",
+            format_duration(lin.get("wall_time_s")) if lin else "",
             key,
             r.reason,
         )
@@ -306,7 +306,7 @@ def lineage(
         lin = n.lineage
         s = (
             f"[bold]{n.stage}[/] [dim]{lin['fingerprint'][:12]}[/] finished {lin.get('finished_at', '?')} "
-            f"in {fmt_secs(lin.get('wall_time_s'))} (llmforge {lin.get('llmforge_version')})"
+            f"in {format_duration(lin.get('wall_time_s'))} (llmforge {lin.get('llmforge_version')})"
         )
         if n.modified:
             s += f" [red]outputs modified since: {', '.join(n.modified)}[/]"

@@ -11,6 +11,9 @@ The default is ChatML::
 
 with ``{% generation %}`` around each assistant reply *including* its ``<|im_end|>`` (the model must learn
 to end its turn) and excluding the newline after it (never generated: decoding stops at ``<|im_end|>``).
+
+This module sits below ``info``: it knows templates and fast tokenizers, not tokenizer directories, so
+``info.LoadedTokenizer`` calls into it and it never imports ``info`` (a test holds the direction).
 """
 
 from __future__ import annotations
@@ -21,12 +24,19 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import TokenizerError, UserInputError
 
 Message = Mapping[str, Any]
+
+
+@runtime_checkable
+class ChatTokenizer(Protocol):
+    """A fast tokenizer with its ids and template, as ``info.LoadedTokenizer`` is (structural, so no import)."""
+
+    fast: Any  # tokenizers.Tokenizer
+    info: Any  # info.TokenizerInfo: ``chat_template`` and ``template_variables()``
 
 
 def default_chat_template(start: str = "<|im_start|>", end: str = "<|im_end|>") -> str:
@@ -177,25 +187,29 @@ def encode_chat(
     *,
     add_generation_prompt: bool = False,
     template: str | None = None,
+    variables: Mapping[str, Any] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of a rendered conversation and its assistant mask (1 = a token the model is trained on).
 
-    ``tokenizer`` is a ``LoadedTokenizer`` (``info.load_tokenizer``), a tokenizer directory, or a bare
-    ``tokenizers.Tokenizer`` (then ``template`` or the default template is used). Ids and mask equal
-    ``apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)`` of transformers: the text
-    is tokenized without added BOS/EOS, and a token is in the mask from the token holding a generation
-    block's first character through the token holding its last.
+    ``tokenizer`` is a ``ChatTokenizer`` (``info.load_tokenizer(dir)``: its template and special-token names
+    are used unless ``template``/``variables`` are given) or a bare ``tokenizers.Tokenizer`` (then ``template``
+    or the default template). Ids and mask equal ``apply_chat_template(..., return_dict=True,
+    return_assistant_tokens_mask=True)`` of transformers: the text is tokenized without added BOS/EOS, and a
+    token is in the mask from the token holding a generation block's first character through the token holding
+    its last.
     """
-    from .info import LoadedTokenizer, load_tokenizer
-
-    if isinstance(tokenizer, str | os.PathLike | Path):
-        tokenizer = load_tokenizer(tokenizer)
-    if isinstance(tokenizer, LoadedTokenizer):
+    if isinstance(tokenizer, str | os.PathLike):
+        # Loading a directory is info's job; taking it here would make this module import info again.
+        raise TypeError(
+            f"encode_chat takes a loaded tokenizer, not the path {os.fspath(tokenizer)!r}: use "
+            "`llmforge.tokenizer.load_tokenizer(path).encode_chat(messages)`"
+        )
+    if isinstance(tokenizer, ChatTokenizer):
         fast = tokenizer.fast
         template = template or tokenizer.info.chat_template
-        variables = tokenizer.info.template_variables()
+        variables = tokenizer.info.template_variables() if variables is None else variables
     else:
-        fast, variables = tokenizer, None
+        fast = tokenizer
     text, spans = render_with_spans(
         messages, add_generation_prompt=add_generation_prompt, template=template, variables=variables
     )
@@ -243,7 +257,7 @@ def check_template(
     prompt = render(sample, add_generation_prompt=True, template=template, variables=variables)
     facts = {"generation_markers": bool(spans), "generation_prompt": prompt != plain}
     if spans and fast is not None:
-        _, mask = encode_chat(fast, sample[:3], template=template)
+        _, mask = encode_chat(fast, sample[:3], template=template, variables=variables)
         if not any(mask):
             raise UserInputError(
                 "tokenizer.chat_template: the {% generation %} block covers no token of the assistant reply"

@@ -12,38 +12,21 @@ indexed by its ids), so nothing is retrained or re-numbered. It goes through the
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from ..console import get_logger
 from ..errors import TokenizerError, UserInputError
 from ..utils.atomic import atomic_dir, write_json
+from ..utils.hashing import sha256_file
 from .chat import default_chat_template
-from .export import META_FILE, META_FORMAT, build_fast_tokenizer, sha256_file, verify_parity
-from .info import read_chat_template
+from .export import META_FILE, META_FORMAT, build_fast_tokenizer, verify_parity
+from .info import read_chat_template, read_json, token_str
 from .samples import generate_samples, markup_for
 
 log = get_logger(__name__)
 
 _KNOB = "tokenizer.from"
-
-
-def _token_str(v: Any) -> str | None:
-    if isinstance(v, dict):
-        v = v.get("content")
-    return v if isinstance(v, str) else None
-
-
-def _read(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserInputError(f"{_KNOB}: {path} is not readable JSON ({err})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def import_tokenizer(
@@ -68,8 +51,8 @@ def import_tokenizer(
             f"{_KNOB}: {src} is not a directory (give a Hugging Face tokenizer or model folder)"
         )
     tj, tm = src / "tokenizer.json", src / "tokenizer.model"
-    config = _read(src / "tokenizer_config.json")
-    smap = _read(src / "special_tokens_map.json")
+    config = read_json(src / "tokenizer_config.json", knob=_KNOB)
+    smap = read_json(src / "special_tokens_map.json", knob=_KNOB)
     if tj.exists():
         try:
             fast = Tokenizer.from_file(str(tj))
@@ -104,7 +87,7 @@ def import_tokenizer(
     def special(name: str) -> str | None:
         if name in overrides:
             return overrides[name]
-        return _token_str(config.get(f"{name}_token")) or _token_str(smap.get(f"{name}_token"))
+        return token_str(config.get(f"{name}_token")) or token_str(smap.get(f"{name}_token"))
 
     specials = {n: special(n) for n in ("bos", "eos", "pad", "unk")}
     for name, tok in specials.items():
@@ -151,7 +134,7 @@ def import_tokenizer(
             {f"{n}_token": t for n, t in specials.items() if t is not None}
             | {"additional_special_tokens": [t for t in present_chat if t not in specials.values()]},
         )
-        gen = _read(src / "generation_config.json")
+        gen = read_json(src / "generation_config.json", knob=_KNOB)
         eos_ids = gen.get("eos_token_id")
         eos_ids = list(eos_ids) if isinstance(eos_ids, list) else ([eos_ids] if eos_ids is not None else [])
         for tok in (specials["eos"], present_chat[-1] if len(present_chat) >= 2 else None):

@@ -19,8 +19,6 @@ tokenizer is:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 from ..console import get_logger
 from ..errors import TokenizerError
 from ..utils.atomic import write_bytes, write_json, write_text
+from ..utils.hashing import sha256_file
 from .samples import generate_samples, markup_for
 
 log = get_logger(__name__)
@@ -185,14 +184,6 @@ def verify_parity(
     return len(samples)
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_hf_files(
     out_dir: Path,
     fast,
@@ -314,10 +305,3 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise TokenizerError(f"{path}: cannot read ({err})") from None

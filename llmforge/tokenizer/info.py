@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import StageInputError, TokenizerError
-from .export import META_FILE, sha256_file
+from ..errors import StageInputError, TokenizerError, UserInputError
+from ..utils.hashing import sha256_file
+from . import chat
+from .export import META_FILE
 
 
 @dataclass(frozen=True)
@@ -77,18 +80,26 @@ class TokenizerInfo:
             )
 
 
-def _token_str(v: Any) -> str | None:
-    if isinstance(v, dict):  # older configs store AddedToken dicts
+def token_str(v: Any) -> str | None:
+    """A special token's text from a HF config value: a string, or an ``AddedToken`` dict (older configs)."""
+    if isinstance(v, dict):
         v = v.get("content")
     return v if isinstance(v, str) else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, *, knob: str | None = None) -> dict[str, Any]:
+    """A JSON object from a tokenizer directory; ``{}`` when the file is absent (HF config files are optional).
+
+    An unreadable file is a ``TokenizerError``, or, when ``knob`` names the manifest field that pointed here
+    (``tokenizer.from``), a ``UserInputError`` naming it.
+    """
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
+        if knob is not None:
+            raise UserInputError(f"{knob}: {path} is not readable JSON ({err})") from None
         raise TokenizerError(f"{path}: not readable JSON ({err})") from None
     return data if isinstance(data, dict) else {}
 
@@ -114,11 +125,11 @@ def load_tokenizer_info(directory: str | os.PathLike) -> TokenizerInfo:
             f"{d}: no tokenizer.json here. Run the tokenizer stage (`llmforge run tokenizer`) or point "
             "`tokenizer.from` at a Hugging Face tokenizer directory."
         )
-    meta = _read_json(d / META_FILE)
-    config = _read_json(d / "tokenizer_config.json")
-    smap = _read_json(d / "special_tokens_map.json")
-    gen = _read_json(d / "generation_config.json")
-    tok_json = _read_json(tj)
+    meta = read_json(d / META_FILE)
+    config = read_json(d / "tokenizer_config.json")
+    smap = read_json(d / "special_tokens_map.json")
+    gen = read_json(d / "generation_config.json")
+    tok_json = read_json(tj)
     vocab: dict[str, int] = {}
     model_vocab = tok_json.get("model", {}).get("vocab")
     if isinstance(model_vocab, dict):
@@ -129,7 +140,7 @@ def load_tokenizer_info(directory: str | os.PathLike) -> TokenizerInfo:
         vocab[t["content"]] = t["id"]
 
     def tok(name: str) -> str | None:
-        return _token_str(meta.get(name)) or _token_str(config.get(name)) or _token_str(smap.get(name))
+        return token_str(meta.get(name)) or token_str(config.get(name)) or token_str(smap.get(name))
 
     def tid(token: str | None) -> int | None:
         if token is None:
@@ -191,15 +202,15 @@ class LoadedTokenizer:
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         return self.fast.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def encode_chat(self, messages, *, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        from .chat import encode_chat
+    def encode_chat(
+        self, messages: Sequence[chat.Message], *, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Ids and assistant mask of a conversation rendered with this tokenizer's template (``chat.encode_chat``)."""
+        return chat.encode_chat(self, messages, add_generation_prompt=add_generation_prompt)
 
-        return encode_chat(self, messages, add_generation_prompt=add_generation_prompt)
-
-    def render(self, messages, *, add_generation_prompt: bool = False) -> str:
-        from .chat import render
-
-        return render(
+    def render(self, messages: Sequence[chat.Message], *, add_generation_prompt: bool = False) -> str:
+        """Text of a conversation rendered with this tokenizer's template, as transformers renders it."""
+        return chat.render(
             messages,
             add_generation_prompt=add_generation_prompt,
             template=self.info.chat_template,

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from . import atomic
 
@@ -28,7 +30,12 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".tmp") or ".old-" in name)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks so a multi-GB shard never sits in memory.
+
+    The one file hash of llmforge: tokenizer metadata, checkpoints and stage fingerprints all compare digests
+    from here, so they agree by construction.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -36,8 +43,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def sha256_json(obj) -> str:
+def sha256_json(obj: Any) -> str:
+    """Hex SHA-256 of ``obj`` as canonical JSON (sorted keys; non-JSON values by ``str``)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_listing(entries: Iterable[tuple[str, str]]) -> str:
+    """Hex SHA-256 of a set of files given as ``(relative posix path, file sha256)``, in the order given.
+
+    The one way llmforge hashes a group of files (a folder, the matches of a glob): names are part of the hash,
+    so a rename changes it, and names are relative, so moving the project does not. Stage fingerprints are
+    stored in ``runs/``, so this byte layout must never change.
+    """
+    h = hashlib.sha256()
+    for rel, digest in entries:
+        h.update(rel.encode() + b"\0" + digest.encode() + b"\n")
+    return h.hexdigest()
 
 
 class HashCache:
@@ -93,10 +114,8 @@ class HashCache:
         path = Path(path)
         if path.is_dir():
             entries = self.files_in(path, skip_hidden)
-            h = hashlib.sha256()
-            for rel, digest, _ in entries:
-                h.update(rel.encode() + b"\0" + digest.encode() + b"\n")
-            return h.hexdigest(), sum(size for *_, size in entries)
+            digest = sha256_listing((rel, file_digest) for rel, file_digest, _ in entries)
+            return digest, sum(size for *_, size in entries)
         return self.file(path), path.stat().st_size
 
     def save(self) -> None:

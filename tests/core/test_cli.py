@@ -6,13 +6,20 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
+from llmforge.cli import common
 from llmforge.cli.app import app
 from tests.cli import run_cli as run_main
 from tests.core import dummy_stages
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.setattr(common.state, "debug", False)  # another test's --debug sticks to this process
 
 
 def test_help_lists_every_group():
@@ -75,7 +82,7 @@ def test_missing_manifest_hint(tmp_path, capsys):
 
 
 def test_unbuilt_commands_exit_3(dummy, capsys):
-    for args in (["train", "sft"], ["align", "dpo"], ["quantize"], ["serve"], ["chat"], ["train", "distill"]):
+    for args in (["align", "dpo"], ["quantize"], ["serve"], ["chat"]):
         code, _, err = run_main(args, dummy, capsys)
         assert code == 3, args
         assert "not built yet" in err
@@ -144,3 +151,37 @@ def test_scaffolded_templates_validate(tmp_path, capsys):
         code, out, err = run_main(["validate"], tmp_path / name, capsys)
         assert code == 0, err
         assert "is valid" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--no-such-option"],
+        ["status", "-m"],
+        ["no-such-command"],
+        ["--progress", "fancy", "validate"],
+        ["train", "pretrain", "--nproc", "two"],
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(dummy, capsys, args):
+    code, _, err = run_main(args, dummy, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.strip()
+
+
+def test_force_outside_the_plan_is_a_clean_error(dummy, capsys):
+    code, _, err = run_main(["run", "a", "--force", "c"], dummy, capsys)
+    assert code == 2 and "--force c" in err and "Traceback" not in err
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint(dummy, capsys, monkeypatch):
+    from llmforge import pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run", interrupted)
+    code, _, err = run_main(["run"], dummy, capsys)
+    assert code == 130
+    assert "interrupted" in err and "Traceback" not in err

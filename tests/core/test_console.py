@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from llmforge import console
 
 
@@ -34,6 +36,36 @@ def test_quiet_suppresses_progress(capsys):
     with console.progress("x", total=2) as bar:
         bar.advance(2)
     assert "x:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, ""),
+        (-3, "0.0s"),
+        (0, "0.0s"),
+        (2.34, "2.3s"),
+        (59.94, "59.9s"),
+        (59.97, "1m00s"),  # never "60.0s"
+        (60, "1m00s"),
+        (62.4, "1m02s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (7505, "2h05m"),
+        (90061, "25h01m"),
+    ],
+)
+def test_format_duration(seconds, text):
+    assert console.format_duration(seconds) == text
+
+
+def test_progress_line_uses_the_duration_format(capsys):
+    console.configure("plain", plain_interval=0.0)
+    with console.progress("work", total=2, unit="steps") as bar:
+        bar.start -= 62.2  # as if the first step took 62.2 s
+        bar.advance(1)
+    err = capsys.readouterr().err
+    assert "work: 1/2 steps (50%) eta 1m02s" in err and "elapsed 1m02s" in err, err
 
 
 def test_library_logger_is_namespaced():

@@ -143,10 +143,10 @@ def test_tokenizer_from_existing_dir(tmp_path, tok_dir, corpus):
 
     hf = AutoTokenizer.from_pretrained(str(out))
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    from llmforge.tokenizer.chat import encode_chat
+    from llmforge.tokenizer.info import load_tokenizer
 
     want = hf.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
-    assert encode_chat(out, msgs) == (list(want["input_ids"]), list(want["assistant_masks"]))
+    assert load_tokenizer(out).encode_chat(msgs) == (list(want["input_ids"]), list(want["assistant_masks"]))
 
 
 def test_tokenizer_from_without_corpus_and_checks(tmp_path, tok_dir):
