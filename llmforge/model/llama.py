@@ -15,18 +15,24 @@ Architectural choices (all as in Llama 2/3, and numerically as in ``transformers
 * Parameter names are transformers' (``model.embed_tokens.weight``, ``model.layers.0.self_attn.q_proj.weight``,
   …, ``model.norm.weight``, ``lm_head.weight``), so a checkpoint is a ``safetensors`` dump of ``state_dict()``.
 
-Logits come back in the model's dtype (float32 for a float32 model; bfloat16 under a bf16 model or autocast);
-losses should upcast (``F.cross_entropy`` on bf16 logits is accurate enough for monitoring but upcast for the
-gradient if it matters). For training, ``model(input_ids, labels=labels)`` returns the mean next-token
-cross-entropy instead, computed by ``linear_cross_entropy`` a chunk of rows at a time with the gradient formed
-in the same pass, so the [B, T, vocab] logits (and their log-softmax and gradient) are never materialised:
-less memory and memory traffic, the same loss and gradients. It sits inside ``forward`` so DDP/FSDP wrappers
-see it. ``KVCache`` is a static, preallocated per-layer K/V store for batched generation.
+* **Packed sequences**: ``document_ids`` [B, T] restrict attention to earlier tokens of the same document
+  with positions restarting at each document, so several short sequences share a row exactly as if each ran
+  alone: a block-diagonal causal mask, or on CPU one causal SDPA call per document (fewer scores to compute).
+  Without ``document_ids`` the fused causal SDPA kernel runs with no mask at all.
+
+Logits come back in the model's dtype (float32 for a float32 model; bfloat16 under a bf16 model or autocast).
+Training never needs them: ``forward`` computes what the objective asks for from the final hidden states with
+the chunked kernels of ``fused.py`` (never materialising [B, T, vocab] logits) — the mean cross-entropy
+(``labels=``), its sum and token count (``output="ce_sum"``), per-token log-probs (``output="logprobs"``),
+or a teacher–student divergence plus CE (``distill=``). They sit inside ``forward`` so DDP/FSDP wrappers see
+them (FSDP2 gathers the head's weight only there). ``KVCache`` is a static, preallocated per-layer K/V store
+for batched generation.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +41,18 @@ from torch import nn
 
 from ..errors import ModelError
 from .config import LlamaConfig
+from .fused import (
+    IGNORE_INDEX,
+    DistillOutput,
+    DistillTarget,
+    LossSum,
+    _linear_kd_apply,
+    linear_cross_entropy,
+    linear_token_logprobs,
+)
+
+# IGNORE_INDEX and linear_cross_entropy lived here before fused.py: importing them from here keeps working.
+ForwardOutput = Literal["mean_ce", "ce_sum", "logprobs"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,125 +115,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Fused output projection + cross-entropy
-# ------------------------------------------------------------------------------------------------------
-
-IGNORE_INDEX = -100
-_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): big enough for efficient matmuls
-
-
-def _chunk_rows(vocab: int) -> int:
-    return max(256, _CHUNK_ELEMENTS // vocab)
-
-
-def _ce_chunk(
-    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, want_grad: bool
-):
-    """Σ CE and, if ``want_grad``, d(Σ CE)/d logits = softmax - onehot (rows of ignored targets included;
-    the caller zeroes them on the small side of the matmuls)."""
-    # fp32 log-softmax whatever the matmul dtype: bf16 log-probabilities over a large vocabulary lose the
-    # small differences that matter (what F.cross_entropy(logits.float()) does)
-    logp = torch.log_softmax(torch.mm(h, weight.t()).float(), dim=-1)
-    t = target[:, None]
-    loss = -(logp.gather(1, t).squeeze(1) * valid).sum()
-    if not want_grad:
-        return loss, None
-    grad = logp.exp_()  # in place: the log-probabilities are not needed any more
-    grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))
-    return loss, grad
-
-
-def _linear_ce(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    compute_dtype: torch.dtype,
-    need_h: bool,
-    need_w: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(Σ CE, d/dh, d/dweight) a chunk of rows at a time; h [N, hidden], weight [vocab, hidden], labels [N]."""
-    w = weight.to(compute_dtype)
-    valid = labels != IGNORE_INDEX
-    target = labels.masked_fill(~valid, 0)
-    loss = torch.zeros((), dtype=torch.float32, device=h.device)
-    grad_h = torch.empty_like(h) if need_h else None
-    # summed over chunks in fp32 even for a bf16 weight, then rounded once (as a single matmul would)
-    grad_w = (
-        torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_w else None
-    )
-    rows = _chunk_rows(weight.shape[0])
-    for s in range(0, h.shape[0], rows):
-        e = min(s + rows, h.shape[0])
-        hc, m = h[s:e].to(compute_dtype), valid[s:e]
-        loss_c, g = _ce_chunk(hc, w, target[s:e], m, need_h or need_w)
-        loss += loss_c
-        if g is None:
-            continue
-        g = g.to(compute_dtype)
-        m = m[:, None].to(compute_dtype)
-        if grad_h is not None:
-            grad_h[s:e] = torch.mm(g, w) * m
-        if grad_w is not None:  # ignored rows contribute nothing: zero them in h, [rows, hidden], not in g
-            if grad_w.dtype == compute_dtype:
-                grad_w.addmm_(g.t(), hc * m)
-            else:  # bf16 products summed in fp32
-                grad_w += torch.mm(g.t(), hc * m)
-    return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """``_linear_ce`` as an autograd node: both gradients are formed in the forward pass, while the logits
-    chunk is at hand, and the backward only scales them by the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, h, weight, labels, compute_dtype):
-        loss, grad_h, grad_w = _linear_ce(
-            h, weight, labels, compute_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.used = False
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        # scaled in place: the buffers belong to this node alone, so it can be backpropagated through once
-        if ctx.used:
-            raise RuntimeError("linear_cross_entropy: backward through the same loss twice is not supported")
-        ctx.used = True
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            grad_h.mul_(grad_loss) if grad_h is not None else None,
-            grad_w.mul_(grad_loss) if grad_w is not None else None,
-            None,
-            None,
-        )
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=-100, reduction="sum")`` without
-    the full logits.
-
-    h: [..., hidden] (the final-norm hidden states), weight: [vocab, hidden] (the output head), labels: [...].
-    Works a chunk of rows at a time: logits, fp32 log-softmax, loss, and — when gradients are needed — the
-    logit gradient ``softmax - onehot`` multiplied straight into the gradients of ``h`` and ``weight``, then
-    dropped. Peak extra memory is one chunk's logits instead of ~3 copies of [tokens, vocab] in fp32, and the
-    logits are never re-read from memory by separate log-softmax / NLL / backward kernels. The matmuls run
-    in the autocast dtype when autocast is on (as ``lm_head`` would); the softmax is always fp32.
-    """
-    h = h.reshape(-1, h.shape[-1])
-    labels = labels.reshape(-1)
-    device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        compute_dtype = h.dtype
-    with torch.autocast(device_type, enabled=False):
-        if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
-            return _linear_ce(h, weight, labels, compute_dtype, need_h=False, need_w=False)[0]  # evaluation
-        return _LinearCrossEntropy.apply(h, weight, labels, compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -327,7 +226,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | DocumentSegments | None,
         is_causal: bool,
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
@@ -337,15 +236,31 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        dropout, gqa = self.dropout if self.training else 0.0, self.n_kv_heads != self.n_heads
+        if isinstance(mask, DocumentSegments):  # packed rows, one causal call per document
+            y = torch.cat(
+                [
+                    torch.cat(
+                        [
+                            F.scaled_dot_product_attention(
+                                q[b : b + 1, :, s:e],
+                                k[b : b + 1, :, s:e],
+                                v[b : b + 1, :, s:e],
+                                is_causal=True,
+                                dropout_p=dropout,
+                                enable_gqa=gqa,
+                            )
+                            for s, e in row
+                        ],
+                        dim=2,
+                    )
+                    for b, row in enumerate(mask.bounds)
+                ]
+            )
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout, enable_gqa=gqa
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -374,7 +289,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | DocumentSegments | None,
         is_causal: bool,
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
@@ -390,6 +305,78 @@ class LlamaBackbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Packed sequences
+# ------------------------------------------------------------------------------------------------------
+
+
+def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] that restart at 0 wherever the document id changes along a row."""
+    B, T = document_ids.shape
+    idx = torch.arange(T, device=document_ids.device).expand(B, T)
+    # index of the latest document start at or before each token
+    return idx - torch.where(_document_starts(document_ids), idx, 0).cummax(dim=1).values
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, T, T] for SDPA (True = may attend): a token sees itself and the
+    earlier tokens of its document, a document being a run of equal ids (so an id may repeat further along
+    the row without joining the earlier run). Every token sees itself, so padding rows stay finite."""
+    T = document_ids.shape[1]
+    run = _document_starts(document_ids).cumsum(dim=1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril_()
+    return (run[:, :, None] == run[:, None, :]).logical_and_(causal)[:, None]
+
+
+class DocumentSegments(NamedTuple):
+    """Packed attention as one causal SDPA call per document instead of one masked call per batch.
+
+    ``bounds[b]`` lists the (start, end) of each document of row b. A boolean mask makes SDPA compute all
+    T² scores (the fused causal kernel skips the upper triangle; a masked one cannot skip anything), while
+    per-document calls compute Σ n_i²/2, at a fixed overhead per call: faster on CPU for long rows of long
+    documents (when, measured, is in ``_packed_attention``'s thresholds).
+    """
+
+    bounds: tuple[tuple[tuple[int, int], ...], ...]
+
+
+# When per-document calls pay on CPU. Measured (fwd+bwd, 1 thread, hidden 256, 4 layers, head_dim 32): rows of
+# 1024-2048 tokens holding documents of ~150-300 tokens run 1.2-1.7x faster than with the masked kernel;
+# rows of 256 tokens, or documents of 25-35 tokens (120-170 calls a layer), run 3-40% slower (per-call
+# overhead). None: decide with these two thresholds on CPU outside torch.compile; True/False: force.
+_PER_DOCUMENT_MIN_ROW = 512
+_PER_DOCUMENT_MIN_MEAN_LENGTH = 128
+_PER_DOCUMENT_ATTENTION: bool | None = None
+
+
+def _packed_attention(document_ids: torch.Tensor) -> torch.Tensor | DocumentSegments:
+    """What the attention layers get for packed rows: a block-diagonal mask, or per-document segments
+    where those are cheaper (CPU, eager, long rows of long documents). Both give the same result."""
+    B, T = document_ids.shape
+    starts = _document_starts(document_ids)
+    use = _PER_DOCUMENT_ATTENTION
+    if use is None:
+        use = (
+            document_ids.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and T >= _PER_DOCUMENT_MIN_ROW
+            and int(starts.sum()) * _PER_DOCUMENT_MIN_MEAN_LENGTH <= B * T
+        )
+    if not use:
+        return document_mask(document_ids)
+    bounds = []
+    for row in starts.tolist():
+        s = [t for t, is_start in enumerate(row) if is_start]
+        bounds.append(tuple(zip(s, [*s[1:], T], strict=True)))
+    return DocumentSegments(tuple(bounds))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -490,11 +477,25 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [B, T, hidden] (``forward`` without the head; for chunked losses)."""
+        """Final-norm hidden states [B, T, hidden] (``forward`` without the head; for chunked losses and a
+        distillation teacher). Arguments as in ``forward``."""
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         end = start + T
+        if document_ids is not None:
+            if kv_cache is not None or attention_mask is not None:
+                raise ModelError(
+                    "document_ids (packed training rows) cannot be combined with kv_cache or attention_mask; "
+                    "mark padding with document id -1 instead of an attention_mask"
+                )
+            if document_ids.shape != (B, T):
+                raise ModelError(
+                    f"document_ids must be [batch, tokens] = [{B}, {T}], got {list(document_ids.shape)}"
+                )
+            if position_ids is None:
+                position_ids = document_positions(document_ids)
         if end > self.config.max_position_embeddings and position_ids is None:
             raise ModelError(
                 f"sequence of {end} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
@@ -517,7 +518,10 @@ class Llama(nn.Module):
         # [T, D/2] or [B, T, D/2] → broadcast over heads in the [B, T, H, D/2] layout; model dtype
         cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
 
-        mask, is_causal = self._attention_mask(attention_mask, B, T, start, x.device)
+        if document_ids is not None:
+            mask, is_causal = _packed_attention(document_ids), False
+        else:
+            mask, is_causal = self._attention_mask(attention_mask, B, T, start, x.device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if checkpointing:
@@ -537,27 +541,77 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, T, vocab] in the model's dtype; with ``labels``, the mean cross-entropy instead.
+        output: ForwardOutput | None = None,
+        distill: DistillTarget | None = None,
+    ) -> torch.Tensor | LossSum | DistillOutput:
+        """Logits [B, T, vocab] in the model's dtype; with ``labels``, what ``output`` / ``distill`` ask for.
 
         input_ids: LongTensor [B, T]. position_ids: [B, T], default: consecutive after the cached tokens (or
-        derived from a 2-D ``attention_mask``). kv_cache: append this step's keys/values and attend to all
-        cached ones. attention_mask: [B, cached + T] with 1 for real tokens and 0 for padding (combined with
-        the causal mask), or a boolean [B, 1, T, cached + T] mask used as given (True = may attend).
+        derived from a 2-D ``attention_mask`` or from ``document_ids``). kv_cache: append this step's
+        keys/values and attend to all cached ones. attention_mask: [B, cached + T] with 1 for real tokens and 0
+        for padding (combined with the causal mask), or a boolean [B, 1, T, cached + T] mask used as given
+        (True = may attend). document_ids: [B, T] ints for packed rows, a document being a run of equal ids: a
+        token attends only to itself and the earlier tokens of its document (mark padding -1; it stays finite),
+        and positions restart at each document unless ``position_ids`` are given.
+
         labels: LongTensor [B, T], the target of each position, *already aligned* (``labels[:, t]`` is the
         token that should follow ``input_ids[:, t]``; unlike transformers nothing is shifted here), -100 =
-        ignored. Returns a float32 scalar: the mean over the non-ignored targets (0 when there are none),
-        equal to ``F.cross_entropy(logits.float(), labels)`` but computed chunk-wise by
-        ``linear_cross_entropy`` without materialising the logits.
+        ignored. With labels, never materialising the logits (``fused.py``):
+
+        * ``output=None`` or ``"mean_ce"``: float32 scalar, the mean CE over the non-ignored targets (0 when
+          there are none), equal to ``F.cross_entropy(logits.float(), labels)`` (the pretraining path).
+        * ``output="ce_sum"``: ``LossSum(loss_sum, num_tokens)``, Σ CE (float32) and the number of targets
+          (int64), so a loss normalises by its own token count across micro-batches and ranks.
+        * ``output="logprobs"``: float32 [B, T], log p(labels[:, t]) under the model, 0 at ignored positions
+          (DPO, PPO, GRPO, reward scoring); differentiable for any upstream gradient.
+        * ``distill=DistillTarget(...)``: ``DistillOutput(kd_sum, ce_sum, num_tokens)``, Σ T²·D(teacher,
+          student) and Σ CE over the labelled positions from one pass over the student's logits chunks.
         """
         h = self.hidden_states(
-            input_ids, position_ids=position_ids, kv_cache=kv_cache, attention_mask=attention_mask
+            input_ids,
+            position_ids=position_ids,
+            kv_cache=kv_cache,
+            attention_mask=attention_mask,
+            document_ids=document_ids,
         )
         if labels is None:
+            if output is not None or distill is not None:
+                raise ModelError(
+                    "output= and distill= need labels (the target of every position, -100 = none)"
+                )
             return self.lm_head(h)
-        loss_sum = linear_cross_entropy(h, self.lm_head.weight, labels)
-        return loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        if labels.shape != input_ids.shape:
+            raise ModelError(
+                f"labels must be shaped like input_ids {list(input_ids.shape)}, got {list(labels.shape)}"
+            )
+        weight = self.lm_head.weight
+        if distill is not None:
+            if output is not None:
+                raise ModelError("give output= or distill=, not both")
+            kd_sum, ce_sum = _linear_kd_apply(
+                h,
+                weight,
+                labels,
+                teacher_hidden=distill.teacher_hidden,
+                teacher_weight=distill.teacher_weight,
+                topk_ids=distill.topk_ids,
+                topk_logprobs=distill.topk_logprobs,
+                kind=distill.kind,
+                temperature=distill.temperature,
+                jsd_beta=distill.jsd_beta,
+                ce_grad=distill.ce_grad,
+            )
+            return DistillOutput(kd_sum, ce_sum, (labels != IGNORE_INDEX).sum())
+        if output is None or output == "mean_ce":
+            loss_sum = linear_cross_entropy(h, weight, labels)
+            return loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        if output == "ce_sum":
+            return LossSum(linear_cross_entropy(h, weight, labels), (labels != IGNORE_INDEX).sum())
+        if output == "logprobs":
+            return linear_token_logprobs(h, weight, labels)
+        raise ModelError(f"unknown output {output!r}; use one of mean_ce, ce_sum, logprobs")
 
     @staticmethod
     def _attention_mask(

@@ -138,10 +138,10 @@ def _fused_loss_and_grads(m: Llama, ids: torch.Tensor, labels: torch.Tensor):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("chunk_rows", [7, None])  # several chunks (one ragged) / the default single chunk
 def test_labels_loss_equals_full_cross_entropy_with_the_same_gradients(tied, chunk_rows, monkeypatch):
-    from llmforge.model import llama
+    from llmforge.model import fused
 
     if chunk_rows is not None:
-        monkeypatch.setattr(llama, "_chunk_rows", lambda vocab: chunk_rows)
+        monkeypatch.setattr(fused, "_chunk_rows", lambda vocab: chunk_rows)
     torch.manual_seed(0)
     m = randomize(Llama(tiny_config(tie_word_embeddings=tied))).train()
     ids = torch.randint(0, 97, (3, 20))
