@@ -28,7 +28,7 @@ from torch import nn
 from ..console import get_logger
 from ..errors import CheckpointError, ModelError
 from ..utils.atomic import atomic_dir
-from .config import LlamaConfig
+from .config import DTYPES, LlamaConfig
 from .llama import Llama, torch_dtype
 
 log = get_logger(__name__)
@@ -79,6 +79,13 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     transformers stores a tied head once (under the embedding's name) and re-ties it on load.
     """
     m = unwrap(model)
+    from .lora import has_lora
+
+    if has_lora(m):
+        raise ModelError(
+            "the model still has LoRA adapters: merge them first (llmforge.model.lora.merge_lora) to write a full "
+            "checkpoint, or write the adapter alone with save_adapter"
+        )
     sd = m.state_dict()
     if m.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -227,7 +234,7 @@ def save_pretrained(
     return out
 
 
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {n: torch_dtype(n) for n in DTYPES}  # the one dtype table: model.config.DTYPES
 
 
 def _write_json(path: Path, obj: Any) -> None:
