@@ -1,6 +1,6 @@
-"""Corpus → token shards that pretraining memory-maps (format ``llmforge.shards.v1``).
+"""Corpus → token shards that pretraining memory-maps (format ``llmforge.shards.v1``, defined in ``llmforge.shards``).
 
-Layout of ``out_dir``::
+Layout of ``out_dir`` (see ``llmforge.shards`` for the schema; this stage writes no loss mask)::
 
     index.json                 dtype, vocab size, special ids, tokenizer hash, per-split files and counts
     train_00000.bin            flat little-endian uint16/uint32 tokens; every document is followed by EOS
@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +37,27 @@ import numpy as np
 
 from ..console import get_logger, progress
 from ..errors import StageInputError, TokenizerError
-from ..utils.atomic import atomic_dir, write_json
+from ..shards import (
+    SHARDS_FORMAT,
+    SPLITS,
+    ShardWriter,
+    SplitStats,
+    build_index,
+    shard_dtype,
+    shard_folder,
+    write_index,
+)
+from ..utils.atomic import write_json
 from .corpus import ReadStats, iter_texts, list_corpus_files
 from .split import file_key, val_mask
 
 log = get_logger(__name__)
 
-SHARDS_FORMAT = "llmforge.shards.v1"
-SPLITS = ("train", "val")
+__all__ = ["SHARDS_FORMAT", "ShardStats", "SplitStats", "shard_dtype", "tokenize_corpus"]
+
 # Texts per encode call: large enough for the tokenizer's threads to stay busy, small enough to bound memory.
 _BATCH_DOCS = 2048
 _BATCH_CHARS = 8 << 20
-
-
-def shard_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab < 65536), else uint32."""
-    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
-
-
-@dataclass
-class SplitStats:
-    num_tokens: int = 0
-    num_documents: int = 0
-    files: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -373,66 +371,6 @@ def _stats_from_index(
     )
 
 
-class _ShardWriter:
-    """Concatenates document runs into ``<split>_NNNNN.bin`` files of about ``shard_tokens`` tokens."""
-
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.folder, self.split, self.dtype, self.limit = folder, split, dtype, shard_tokens
-        self.stats = SplitStats()
-        self._f = None
-        self._name = ""
-        self._starts: list[np.ndarray] = []
-        self._tokens = 0
-
-    def _open(self) -> None:
-        self._name = f"{self.split}_{len(self.stats.files):05d}.bin"
-        self._f = open(self.folder / self._name, "wb")  # noqa: SIM115 - closed in _close
-        self._starts, self._tokens = [], 0
-
-    def _close(self) -> None:
-        if self._f is None:
-            return
-        self._f.close()
-        starts = np.concatenate(self._starts) if self._starts else np.zeros(0, dtype=np.int64)
-        np.save(self.folder / self._name.replace(".bin", ".docs.npy"), starts.astype(np.int64))
-        self.stats.files.append(
-            {"name": self._name, "num_tokens": self._tokens, "num_documents": int(starts.size)}
-        )
-        self.stats.num_tokens += self._tokens
-        self.stats.num_documents += int(starts.size)
-        self._f = None
-
-    def add(self, tokens: np.ndarray, lens: np.ndarray) -> None:
-        """Append whole documents (``tokens`` is their concatenation, ``lens`` their lengths incl. EOS)."""
-        ends = np.cumsum(lens)
-        done_docs, done_tok = 0, 0
-        while done_docs < lens.size:
-            if self._f is None:
-                self._open()
-            room = self.limit - self._tokens
-            # How many of the remaining documents fit; a shard always takes at least one document so that an
-            # oversized document still lands somewhere.
-            fit = int(np.searchsorted(ends[done_docs:] - done_tok, room, side="right"))
-            if fit == 0 and self._tokens == 0:
-                fit = 1
-            if fit == 0:
-                self._close()
-                continue
-            end_tok = int(ends[done_docs + fit - 1])
-            starts = np.concatenate(([0], ends[done_docs : done_docs + fit - 1] - done_tok)) + self._tokens
-            self._f.write(tokens[done_tok:end_tok].tobytes())
-            self._starts.append(starts.astype(np.int64))
-            self._tokens += end_tok - done_tok
-            done_docs += fit
-            done_tok = end_tok
-            if self._tokens >= self.limit:
-                self._close()
-
-    def finish(self) -> SplitStats:
-        self._close()
-        return self.stats
-
-
 def _merge(
     jobs: list[_PartJob],
     markers: dict[int, dict[str, Any]],
@@ -466,26 +404,24 @@ def _merge(
             parts["train"][-1] = (tokens[:cut], lens[:-1])
         else:
             parts["train"].pop()
-    with atomic_dir(out_dir) as tmp:
+    with shard_folder(out_dir) as tmp:
         splits = {}
         for s in SPLITS:
-            writer = _ShardWriter(tmp, s, dtype, shard_tokens)
+            writer = ShardWriter(tmp, s, dtype, max_tokens=shard_tokens)
             for tokens, lens in parts[s]:
                 writer.add(tokens, lens)
-            st = writer.finish()
-            splits[s] = {"num_tokens": st.num_tokens, "num_documents": st.num_documents, "files": st.files}
-        index = {
-            "format": SHARDS_FORMAT,
-            "dtype": dtype.name,
-            "vocab_size": info.vocab_size,
-            "bos_id": info.bos_id,
-            "eos_id": info.eos_id,
-            "pad_id": info.pad_id,
-            "tokenizer_sha256": info.sha256,
-            "splits": splits,
-            "fingerprint": fingerprint,
-        }
-        write_json(tmp / "index.json", index)
+            splits[s] = writer.finish()
+        index = build_index(
+            dtype=dtype,
+            vocab_size=info.vocab_size,
+            eos_id=info.eos_id,
+            bos_id=info.bos_id,
+            pad_id=info.pad_id,
+            splits=splits,
+            tokenizer_sha256=info.sha256,
+            fingerprint=fingerprint,
+        )
+        write_index(tmp, index)
     return index
 
 

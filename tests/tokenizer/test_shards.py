@@ -159,3 +159,21 @@ def test_uint32_for_large_vocab(tmp_path, tok_dir, docs):
     a = np.fromfile(tmp_path / "s32" / "train_00000.bin", dtype="<u4")
     b = np.fromfile(tmp_path / "s16" / "train_00000.bin", dtype="<u2")
     assert a.tolist() == b.tolist()
+
+
+def test_tokenizer_shards_are_read_with_their_boundaries(tmp_path, corpus, tok_dir):
+    # The tokenizer stage and training share one format: the reader finds every document the writer wrote.
+    from llmforge.shards import ShardIndex
+
+    out = tmp_path / "shards"
+    tokenize_corpus(corpus, tok_dir, out, val_fraction=0.1, seed=3, shard_tokens=20_000, workers=1)
+    index = ShardIndex.load(out)
+    assert index.loss_mask is False and all("docs" in f for f in index.splits["train"]["files"])
+    for split in ("train", "val"):
+        ts = index.open(split)
+        want = _read_split(out, split)
+        assert ts.has_boundaries and not ts.has_mask and ts.num_documents == len(want)
+        assert np.array_equal(ts.document_lengths(), [len(d) for d in want])
+        for i in (0, len(want) // 2, len(want) - 1):
+            toks, mask = ts.document(i)
+            assert mask is None and toks.tolist() == want[i].tolist()

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from llmforge.train.data import write_shards
+from llmforge.shards import write_shards
 
 VOCAB = 64
 PAD, BOS, EOS = 0, 1, 2
