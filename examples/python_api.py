@@ -24,7 +24,7 @@ def main(project: str, *overrides: str) -> str:
     from llmforge.model import generate, load_pretrained
     from llmforge.tokenizer.info import load_tokenizer
 
-    model_dir = loaded.runs_dir / "pretrain" / "final"
+    model_dir = loaded.runs_dir / "pretrain" / "model"
     model = load_pretrained(model_dir).eval()
     tok = load_tokenizer(model_dir)
     prompt = tok.encode("The river")

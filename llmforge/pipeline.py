@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import glob
-import hashlib
 import importlib
 import itertools
 import json
@@ -41,7 +40,7 @@ from .errors import LLMForgeError, NotBuiltError, StageError, UserInputError
 from .manifest import LoadedManifest
 from .stage import StageContext, StageResult
 from .utils import atomic
-from .utils.hashing import HashCache, sha256_json
+from .utils.hashing import HashCache, sha256_json, sha256_listing
 
 log = console.get_logger(__name__)
 
@@ -98,11 +97,9 @@ def _hash_external(p: Path, hashes: HashCache) -> str:
             return "missing"
         # names relative to the pattern's fixed prefix, so a moved project keeps its fingerprints
         base = Path(*itertools.takewhile(lambda part: not _GLOB_CHARS.search(part), p.parts))
-        h = hashlib.sha256()
-        for m in matches:
-            rel = Path(os.path.relpath(m, base)).as_posix()
-            h.update(rel.encode() + b"\0" + hashes.file(Path(m)).encode() + b"\n")
-        return h.hexdigest()
+        return sha256_listing(
+            (Path(os.path.relpath(m, base)).as_posix(), hashes.file(Path(m))) for m in matches
+        )
     if not p.exists():
         return "missing"
     return hashes.path(p, skip_hidden=True)[0]
@@ -123,7 +120,27 @@ def _model_inputs(lm: LoadedManifest) -> list[Path]:
 
 
 def _sft_inputs(lm: LoadedManifest) -> list[Path]:
-    return [lm.resolve(p) for p in lm.manifest.sft.data]
+    sft = lm.manifest.sft
+    paths = [lm.resolve(p) for p in [*sft.data, *sft.val_data]]
+    return paths + ([lm.resolve(sft.from_)] if sft.from_ else [])
+
+
+def _reward_inputs(lm: LoadedManifest) -> list[Path]:
+    r = lm.manifest.reward
+    return [lm.resolve(p) for p in r.data] + ([lm.resolve(r.from_)] if r.from_ else [])
+
+
+def _align_inputs(lm: LoadedManifest) -> list[Path]:
+    a = lm.manifest.align
+    files = [*a.dpo.data, *a.grpo.prompts, *a.ppo.prompts, *a.rejection_sampling.prompts]
+    return [lm.resolve(p) for p in files] + ([lm.resolve(a.from_)] if a.from_ else [])
+
+
+def _distill_inputs(lm: LoadedManifest) -> list[Path]:
+    d = lm.manifest.distill
+    data = d.data or lm.manifest.sft.data
+    paths = [lm.resolve(p) for p in [*data, *d.generations.prompts]]
+    return paths + ([lm.resolve(d.teacher)] if d.teacher else [])
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -170,26 +187,41 @@ STAGES: tuple[StageSpec, ...] = (
         "sft",
         ("sft",),
         ("tokenizer", "pretrain"),
-        None,
+        "llmforge.train.sft:run_sft",
         "supervised fine-tuning on chat data (full or LoRA)",
         external_inputs=_sft_inputs,
         command="llmforge train sft",
+        key_metrics=("val_loss", "format_rate_after", "tokens_per_s"),
+    ),
+    StageSpec(
+        "reward",
+        ("reward",),
+        ("tokenizer", "pretrain", "sft"),
+        None,
+        "train the reward model (scalar head, Bradley–Terry) on preference pairs",
+        external_inputs=_reward_inputs,
+        command="llmforge align reward",
+        key_metrics=("val_accuracy", "val_loss"),
     ),
     StageSpec(
         "align",
         ("align",),
-        ("tokenizer", "sft"),
+        ("tokenizer", "pretrain", "sft", "reward"),
         None,
-        "reward model, DPO, GRPO, PPO, rejection sampling",
+        "align the policy: DPO and variants, GRPO, PPO, rejection sampling",
+        external_inputs=_align_inputs,
         command="llmforge align",
+        key_metrics=("reward_after", "reward_before"),
     ),
     StageSpec(
         "distill",
         ("distill",),
-        ("tokenizer", "align"),
-        None,
-        "distill the aligned model into a smaller student",
+        ("tokenizer", "pretrain", "sft", "align"),
+        "llmforge.train.distill:run_distill",
+        "distill the final model into a smaller student",
+        external_inputs=_distill_inputs,
         command="llmforge train distill",
+        key_metrics=("val_loss", "val_kl", "tokens_per_s"),
     ),
     StageSpec(
         "quantize",
@@ -325,7 +357,8 @@ class Fingerprint:
 def fingerprint(
     pipeline: Pipeline, loaded: LoadedManifest, spec: StageSpec, hashes: HashCache
 ) -> Fingerprint:
-    config = {sec: loaded.section_dump(sec) for sec in spec.sections}
+    # runtime-only knobs (worker counts, logging cadence, `enabled`, ...) are marked in the schema and left out
+    config = {sec: loaded.semantic_section(sec) for sec in spec.sections}
     config["project.seed"] = loaded.manifest.project.seed
     upstream: dict[str, dict] = {}
     missing: list[str] = []
@@ -673,6 +706,7 @@ def _run_one(pipeline, loaded, spec, hashes, forced, options, on_event) -> Stage
         "wall_time_s": round(wall, 3),
         "reason": reason,
         "config": fp.config,
+        "resolved_config": {sec: loaded.section_dump(sec) for sec in spec.sections},
         "inputs": {
             "upstream": {
                 dep: {

@@ -50,7 +50,7 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
     states = {r["stage"]: r["state"] for r in json.loads(out)}
     assert states["data"] == states["tokenizer"] == states["pretrain"] == "done"
 
-    code, out, _ = cli(["lineage", "--json", "runs/pretrain/final"], demo, capsys)
+    code, out, _ = cli(["lineage", "--json", "runs/pretrain/model"], demo, capsys)
     tree = json.loads(out)
     assert tree["stage"] == "pretrain" and tree["inputs"][0]["stage"] == "tokenizer"
     assert tree["inputs"][0]["inputs"][0]["stage"] == "data"
@@ -58,7 +58,7 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
 
     # The model directory is a Hugging Face checkpoint with the project's tokenizer and chat template.
     transformers = pytest.importorskip("transformers")
-    final = demo / "runs" / "pretrain" / "final"
+    final = demo / "runs" / "pretrain" / "model"
     model = transformers.AutoModelForCausalLM.from_pretrained(final)
     tok = transformers.AutoTokenizer.from_pretrained(final)
     assert model.config.vocab_size >= len(tok)

@@ -59,10 +59,17 @@ def _run_stage(stage: str, manifest, overrides, force: bool, options: dict | Non
     run_stages(loaded, [stage], only=True, force=[stage] if force else [], options=options)
 
 
+def built_commands() -> list[str]:
+    """The stage commands that run something today, read from the stage registry."""
+    from ..pipeline import STAGES
+
+    return [s.command.removeprefix("llmforge ") for s in STAGES if s.built and s.command]
+
+
 def _not_built(command: str, what: str) -> None:
     raise NotBuiltError(
         f"`llmforge {command}` is not built yet in llmforge {__version__}: {what} lands in a later release. "
-        "Built today: data crawl, data process, data tokenize, train tokenizer, train pretrain."
+        f"Built today: {', '.join(built_commands())}."
     )
 
 
@@ -145,14 +152,49 @@ def train_pretrain(
     _run_stage("pretrain", manifest, ov, force)
 
 
-@train_app.command("sft", help="Supervised fine-tuning on chat data (not built yet).")
-def train_sft(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
-    _not_built("train sft", "supervised fine-tuning (full and LoRA)")
+@train_app.command("sft", help="Supervised fine-tuning on chat data, full or LoRA (stage `sft`).")
+def train_sft(
+    overrides: OverridesArg = None,
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    force: ForceOpt = False,
+    nproc: Annotated[
+        int | None, typer.Option("--nproc", help="Processes (DDP/FSDP through torchrun).")
+    ] = None,
+):
+    ov = only_overrides(overrides)
+    if nproc is not None:
+        ov = [*ov, f"sft.nproc={nproc}"] + (["sft.launcher=torchrun"] if nproc > 1 else [])
+    _run_stage("sft", manifest, ov, force)
 
 
-@train_app.command("distill", help="Distill into a smaller student (not built yet).")
-def train_distill(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
-    _not_built("train distill", "distillation")
+@train_app.command(
+    "merge-lora",
+    help="Fold a PEFT LoRA adapter into its base model and write a full Hugging Face checkpoint.",
+)
+def train_merge_lora(
+    adapter: Annotated[
+        str, typer.Argument(help="Adapter folder (adapter_config.json + adapter_model.safetensors).")
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the merged model.")],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Base model folder (default: base_model_name_or_path of the adapter)."),
+    ] = None,
+):
+    from ..train.merge import merge_adapter
+
+    path = merge_adapter(adapter, out, base=base)
+    typer.echo(f"merged model written to {path}")
+
+
+@train_app.command(
+    "distill",
+    help="Distill the final model into a smaller student: logit KD or teacher answers (stage `distill`).",
+)
+def train_distill(
+    overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST, force: ForceOpt = False
+):
+    _run_stage("distill", manifest, overrides, force)
 
 
 # ---------------------------------------------------------------------------------------------------- align

@@ -20,12 +20,14 @@ import yaml
 from pydantic import Field, ValidationError
 
 from ..errors import ManifestError, UserInputError
+from .align import AlignSection, RewardSection
 from .base import Section, StageSection
 from .crawl import CrawlSection
 from .data import DataSection
-from .later import AlignSection, QuantizeSection, ServeSection
 from .model import ModelSection
 from .project import ProjectSection
+from .quantize import QuantizeSection
+from .serve import ServeSection
 from .tokenizer import TokenizerSection
 from .train import DistillSection, PretrainSection, SFTSection
 
@@ -44,7 +46,12 @@ class Manifest(Section):
     model: ModelSection = Field(default_factory=ModelSection, description="Model architecture.")
     pretrain: PretrainSection = Field(default_factory=PretrainSection, description="Pretraining run.")
     sft: SFTSection = Field(default_factory=SFTSection, description="Supervised fine-tuning (chat).")
-    align: AlignSection = Field(default_factory=AlignSection, description="Reward model, DPO, GRPO, PPO, RS.")
+    reward: RewardSection = Field(
+        default_factory=RewardSection, description="Reward model (Bradley–Terry on preference pairs)."
+    )
+    align: AlignSection = Field(
+        default_factory=AlignSection, description="DPO and variants, GRPO, PPO, rejection sampling."
+    )
     distill: DistillSection = Field(
         default_factory=DistillSection, description="Distillation into a student."
     )
@@ -78,6 +85,10 @@ class LoadedManifest:
 
     def section_dump(self, name: str) -> dict[str, Any]:
         return getattr(self.manifest, name).model_dump(mode="json", by_alias=True)
+
+    def semantic_section(self, name: str) -> dict[str, Any]:
+        """The section without its runtime-only knobs: what fingerprints hash (see ``base.runtime_only``)."""
+        return getattr(self.manifest, name).semantic_dump()
 
 
 # ----------------------------------------------------------------------------------------------------

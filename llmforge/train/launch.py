@@ -16,7 +16,6 @@ passing them explicitly keeps the child processes free of any pipeline logic.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shlex
@@ -31,11 +30,6 @@ from ..stage import StageContext, StageResult
 from ..utils.atomic import write_json
 
 log = console.get_logger(__name__)
-
-# stage name -> "module:function" of its body; run under torchrun by this entry point
-STAGE_BODIES: dict[str, str] = {
-    "pretrain": "llmforge.train.stage:run_pretrain",
-}
 
 RESULT_FILE = "result.json"
 
@@ -239,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx: StageContext | None = None
     try:
         ctx = read_context(argv[0])
-        module, _, fn = STAGE_BODIES[ctx.name].partition(":")
-        body = getattr(importlib.import_module(module), fn)
+        from ..pipeline import Pipeline
+
+        body = Pipeline().get(ctx.name).load()  # the stage registry is the one table of stage bodies
         result: StageResult = body(ctx)
         if _rank() == 0:
             write_json(

@@ -1,33 +1,22 @@
 """The `pretrain` stage body: token shards + model section → trained Hugging Face checkpoint.
 
 Outputs (under ``runs/pretrain/``): ``checkpoints/step_NNNNNN/`` (HF directory + ``trainer_state.pt``, the
-newest ``keep_last``), ``final/`` (the HF directory of the last step, tokenizer included) and
-``metrics.jsonl``. With ``launcher: torchrun`` the body re-launches itself under torchrun and returns rank
+newest ``keep_last``), ``model/`` (output ``model``: the HF directory of the last step, tokenizer included)
+and ``metrics.jsonl``. With ``launcher: torchrun`` the body re-launches itself under torchrun and returns rank
 0's result.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import console
-from ..errors import StageInputError, UserInputError
+from ..errors import UserInputError
 from ..stage import StageContext, StageResult
-from ..utils.atomic import atomic_dir
 
 log = console.get_logger(__name__)
-
-# knobs that change how a run is observed or stored, not what it computes: excluded from the config hash
-# so that changing them does not trigger a "configuration differs" warning on resume
-_NON_SEMANTIC = (
-    "enabled", "resume", "log_every", "save_every", "keep_last", "eval_every", "eval_batches",
-    "tensorboard", "wandb", "slurm", "launcher", "rdzv_endpoint", "compile", "strategy",
-)  # fmt: skip
 
 
 class HFModelIO:
@@ -63,11 +52,9 @@ class HFModelIO:
 
 def run_config(ctx: StageContext, model_config, index) -> dict[str, Any]:
     """What defines the run's result (hashed into every checkpoint)."""
-    section = ctx.manifest.pretrain.model_dump(mode="json")
-    for k in _NON_SEMANTIC:
-        section.pop(k, None)
     return {
-        "pretrain": section,
+        # runtime-only knobs (logging, checkpoint cadence, launcher, ...) are left out, as in fingerprints
+        "pretrain": ctx.manifest.pretrain.semantic_dump(),
         "model": model_config.to_dict(),
         "seed": ctx.manifest.project.seed,
         "data": {
@@ -114,42 +101,6 @@ def _shards_fingerprint(shards_dir: Path) -> str | None:
     return raw.get("fingerprint") or raw.get("tokenizer_sha256")
 
 
-def set_aside_foreign_checkpoints(ckpt_root: Path, rc: dict[str, Any], *, force: bool = False) -> None:
-    """``resume: auto`` continues only an interrupted run of *this* configuration and data.
-
-    The stage re-runs when its config or inputs change (e.g. a new tokenizer); continuing from checkpoints of
-    the previous run would silently mix two runs, or crash on a changed vocabulary. So checkpoints whose
-    config hash differs are moved to ``checkpoints.previous/`` (replacing an older set) and training starts
-    fresh. To continue a different run on purpose, point ``pretrain.resume`` at one of its checkpoints.
-    ``force`` (the user forced the stage) sets every existing checkpoint aside the same way.
-    """
-    from .checkpoint import config_hash, list_checkpoints, load_trainer_state
-
-    ckpts = list_checkpoints(ckpt_root)
-    if not ckpts:
-        return
-    newest = ckpts[-1][1]
-    try:
-        state = load_trainer_state(newest)
-    except Exception:  # unreadable: let the loop report it with its own message
-        return
-    if state.get("config_hash") == config_hash(rc) and not force:
-        return
-    from .checkpoint import config_diff
-
-    diffs = ["forced with --force"] if force else config_diff(state.get("config", {}), rc)
-    previous = ckpt_root.with_name("checkpoints.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    os.replace(ckpt_root, previous)
-    log.warning(
-        "the checkpoints in %s belong to a different run (%s): starting fresh; they are kept in %s. "
-        "To continue that run deliberately, set pretrain.resume to one of its checkpoint folders.",
-        ckpt_root,
-        "; ".join(diffs[:4]) or "config differs",
-        previous,
-    )
-
-
 def run_pretrain(ctx: StageContext) -> StageResult:
     """Train the model of ``ctx.manifest.model`` on the tokenizer stage's shards (see the module docstring).
 
@@ -171,10 +122,10 @@ def _train_here(ctx: StageContext) -> StageResult:
 
     from ..model import Llama, config_from_manifest, load_pretrained
     from . import dist
-    from .checkpoint import link_or_copy_tree, share_dir
     from .data import PackedBatches, ShardIndex, eval_batches
-    from .loop import resolve_device, train
+    from .loop import train
     from .pretrain import pretrain_objective
+    from .recipe import export_model, train_metrics, train_summary, training_env
 
     m = ctx.manifest
     cfg, project = m.pretrain, m.project
@@ -196,9 +147,7 @@ def _train_here(ctx: StageContext) -> StageResult:
             f"({config.max_position_embeddings}); lower pretrain.seq_len or raise model.max_position_embeddings"
         )
 
-    requested = "cuda" if project.device == "auto" and torch.cuda.is_available() else project.device
-    env = dist.setup("cuda" if requested == "cuda" else "cpu")
-    device = resolve_device(project.device, env)
+    env, device = training_env(project)
 
     # identical initial weights on every rank (FSDP does not broadcast them)
     torch.manual_seed(project.seed)
@@ -247,6 +196,8 @@ def _train_here(ctx: StageContext) -> StageResult:
     rc = run_config(ctx, config, index)
     if resume == "auto":
         if env.is_main:
+            from .recipe import set_aside_foreign_checkpoints
+
             set_aside_foreign_checkpoints(
                 ctx.out_dir / "checkpoints", rc, force=bool(ctx.options.get("force"))
             )
@@ -264,44 +215,6 @@ def _train_here(ctx: StageContext) -> StageResult:
         description="pretrain",
         env=env,
     )
-    final = ctx.out_dir / "final"
-    if env.is_main:
-        if result.checkpoint is None:
-            raise StageInputError("training produced no checkpoint")  # unreachable: the last step saves
-        with atomic_dir(final) as tmp:
-            link_or_copy_tree(result.checkpoint, tmp)
-            share_dir(tmp)
-        log.info("final model: %s", final)
-    dist.barrier()
-
-    metrics: dict[str, Any] = {
-        "train_loss": result.train_loss,
-        "val_loss": result.val_loss,
-        "val_ppl": result.val_ppl,
-        "tokens": result.tokens_seen,
-        "tokens_per_s": result.tokens_per_s,
-        "params": result.num_parameters,
-        "steps": result.step,
-        "skipped_steps": result.skipped_steps,
-        "train_time_s": round(result.train_time, 3),
-        "world_size": env.world_size,
-    }
-    summary = [
-        ("model", f"{result.num_parameters / 1e6:.2f}M parameters ({config.num_hidden_layers} layers)"),
-        ("steps", f"{result.step:,} ({result.tokens_seen:,} tokens)"),
-        ("train loss", _fmt(result.train_loss)),
-        ("val loss / ppl", f"{_fmt(result.val_loss)} / {_fmt(result.val_ppl)}"),
-        ("throughput", f"{result.tokens_per_s:,.0f} tok/s" if result.tokens_per_s else "-"),
-        ("final model", os.path.relpath(final, ctx.project_dir)),
-    ]
-    if result.resumed_from is not None:
-        summary.append(("resumed from", os.path.relpath(result.resumed_from, ctx.project_dir)))
-    if result.skipped_steps:
-        summary.append(("skipped steps", str(result.skipped_steps)))
-    return StageResult(outputs={"model": final}, metrics=metrics, summary=summary)
-
-
-def _fmt(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "-" if x is None else str(x)
-    return f"{x:.4f}"
+    final = export_model(result.checkpoint, ctx.out_dir, env)
+    summary = train_summary(ctx, result, config, final)
+    return StageResult(outputs={"model": final}, metrics=train_metrics(result, env), summary=summary)

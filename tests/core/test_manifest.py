@@ -56,6 +56,7 @@ def test_all_sections_present_in_pipeline_order():
         "model",
         "pretrain",
         "sft",
+        "reward",
         "align",
         "distill",
         "quantize",

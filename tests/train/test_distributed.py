@@ -43,7 +43,7 @@ def test_two_processes_equal_one_with_double_batch(tmp_path, single, strategy):
     assert len(loss1) == 4 and len(val1) == 2
     assert loss2 == pytest.approx(loss1, rel=1e-5)
     assert val2 == pytest.approx(val1, rel=1e-5)
-    w1 = load_file(ctx1.out_dir / "final" / "model.safetensors")
+    w1 = load_file(ctx1.out_dir / "model" / "model.safetensors")
     w2 = load_file(res2.outputs["model"] / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)

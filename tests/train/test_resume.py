@@ -57,7 +57,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     victim.wait()
     ckpts = list_checkpoints(killed / "runs" / "pretrain" / "checkpoints")
     assert [s for s, _ in ckpts] == [3]
-    assert not (killed / "runs" / "pretrain" / "final").exists()
+    assert not (killed / "runs" / "pretrain" / "model").exists()
 
     _finish(_worker(killed))  # resume: auto
     _finish(reference)
@@ -66,9 +66,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert [s for s, *_ in curve(run_b)] == list(range(1, 10))
     assert curve(run_b) == curve(run_a)  # bitwise: same floats
     wa, wb = (
-        load_file(run_a / "final" / "model.safetensors"),
-        load_file(run_b / "final" / "model.safetensors"),
+        load_file(run_a / "model" / "model.safetensors"),
+        load_file(run_b / "model" / "model.safetensors"),
     )
     assert wa.keys() == wb.keys()
     assert all((wa[k] == wb[k]).all() for k in wa)
-    assert json.loads((run_b / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((run_b / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
 
 def test_outputs_metrics_and_summary(trained):
     ctx, res = trained
-    final = ctx.out_dir / "final"
+    final = ctx.out_dir / "model"
     assert res.outputs == {"model": final}
     m = res.metrics
     assert m["steps"] == 8 and m["tokens"] == 8 * 4 * 16 and m["skipped_steps"] == 0
@@ -41,7 +41,7 @@ def test_checkpoints_are_self_describing_hf_dirs(trained):
 
     ctx, _ = trained
     ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
-    for d in [ctx.out_dir / "final", ctx.out_dir / "checkpoints" / "step_000004"]:
+    for d in [ctx.out_dir / "model", ctx.out_dir / "checkpoints" / "step_000004"]:
         for f in [
             "config.json",
             "model.safetensors",
@@ -54,14 +54,14 @@ def test_checkpoints_are_self_describing_hf_dirs(trained):
         ours = load_pretrained(d)
         with torch.no_grad():
             torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-5)
-    assert not (ctx.out_dir / "final" / "trainer_state.pt").exists()
-    gen = json.loads((ctx.out_dir / "final" / "generation_config.json").read_text())
+    assert not (ctx.out_dir / "model" / "trainer_state.pt").exists()
+    gen = json.loads((ctx.out_dir / "model" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2
 
 
 def test_continue_from_model_from(tmp_path, trained):
     ctx0, _ = trained
-    src = ctx0.out_dir / "final"
+    src = ctx0.out_dir / "model"
     # one step at a negligible LR: the result must be the source weights, not a fresh init
     ctx, _ = make_project(
         tmp_path,
