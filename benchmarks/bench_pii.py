@@ -2,7 +2,7 @@
 
 Corpora:
 
-* ``labelled`` — the generated labelled set (``llmforge.data.pii_eval``): every sentence plants PII or a
+* ``labelled`` — the generated labelled set (``tests/data/pii_eval.py``): every sentence plants PII or a
   look-alike, so this is the worst case for the validators.
 * ``prose``    — PII-free web-like prose: the same generator's filler sentences only (numbers, dates, prices,
   versions, but no planted PII), joined into page-sized documents.
@@ -22,13 +22,16 @@ import argparse
 import html
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the labelled-set generator lives in tests/
+
 from llmforge.data.pii import KINDS, PIIScrubber
-from llmforge.data.pii_eval import _FILLER, _render, generate
+from tests.data.pii_eval import _FILLER, _render, generate
 
 
 def prose_corpus(n_docs: int = 2000, seed: int = 0) -> list[str]:

@@ -49,7 +49,17 @@ from .readers import InputFile
 log = console.get_logger(__name__)
 
 # Settings that change *how* the work runs, not what it produces: changing them must not discard work.
-_RUNTIME_ONLY = {"enabled", "executor", "workers", "slurm", "ray", "start_method", "output_dir", "samples"}
+_RUNTIME_ONLY = {
+    "enabled",
+    "executor",
+    "workers",
+    "slurm",
+    "ray",
+    "start_method",
+    "output_dir",
+    "samples",
+    "warn_drop_share",
+}
 
 
 @dataclass
@@ -118,16 +128,36 @@ def prepare_work_dir(root: Path, digest: str, record: dict) -> tuple[Path, bool]
 def quality_steps(cfg: DataSection) -> list[tuple[str, Any]]:
     """(label, datatrove filter) for each enabled heuristic filter, in FineWeb's order."""
     from datatrove.pipeline.filters import (
-        C4QualityFilter,
         FineWebQualityFilter,
         GopherQualityFilter,
         GopherRepetitionFilter,
     )
 
+    from .steps import C4Filter
+
     q = cfg.quality
     steps: list[tuple[str, Any]] = []
     if q.gopher_repetition.enabled:
-        steps.append(("gopher_repetition", GopherRepetitionFilter()))
+        r = q.gopher_repetition
+        # datatrove's own n-gram limits, scaled (capped below 1: a share of 1 would disable the rule silently)
+        top = tuple((n, min(0.95, thr * r.ngram_scale)) for n, thr in ((2, 0.2), (3, 0.18), (4, 0.16)))
+        dup = tuple(
+            (n, min(0.95, thr * r.ngram_scale))
+            for n, thr in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+        )
+        steps.append(
+            (
+                "gopher_repetition",
+                GopherRepetitionFilter(
+                    dup_line_frac=r.dup_line_frac,
+                    dup_para_frac=r.dup_para_frac,
+                    dup_line_char_frac=r.dup_line_char_frac,
+                    dup_para_char_frac=r.dup_para_char_frac,
+                    top_n_grams=top,
+                    dup_n_grams=dup,
+                ),
+            )
+        )
     if q.gopher_quality.enabled:
         g = q.gopher_quality
         steps.append(
@@ -151,10 +181,15 @@ def quality_steps(cfg: DataSection) -> list[tuple[str, Any]]:
         steps.append(
             (
                 "c4",
-                C4QualityFilter(
+                C4Filter(
+                    edit_lines=q.c4.edit_lines,
                     filter_no_terminal_punct=q.c4.filter_no_terminal_punct,
                     min_num_sentences=q.c4.min_num_sentences,
                     min_words_per_line=q.c4.min_words_per_line,
+                    filter_curly_bracket=q.c4.filter_curly_bracket,
+                    filter_javascript=q.c4.filter_javascript,
+                    filter_policy=q.c4.filter_policy,
+                    filter_lorem_ipsum=q.c4.filter_lorem_ipsum,
                 ),
             )
         )
@@ -166,6 +201,7 @@ def quality_steps(cfg: DataSection) -> list[tuple[str, Any]]:
                 FineWebQualityFilter(
                     line_punct_thr=f.line_punct_thr,
                     short_line_thr=f.short_line_thr,
+                    short_line_length=f.short_line_length,
                     char_duplicates_ratio=f.char_duplicates_ratio,
                     new_line_ratio=f.new_line_ratio,
                 ),
@@ -209,9 +245,11 @@ def build_plan(cfg: DataSection, files: list[InputFile], work_dir: Path) -> Plan
     minhash_on = mh.enabled
     steps: list[str] = []
 
+    dropped_dir = samples_dir / "dropped" if cfg.samples else None
+
     def measured(step: Any, name: str) -> Measured:
         steps.append(name)
-        return Measured(step, name)
+        return Measured(step, name, dropped_dir=dropped_dir)
 
     def writer(folder: Path, final: bool) -> Any:
         if final:
@@ -235,13 +273,18 @@ def build_plan(cfg: DataSection, files: list[InputFile], work_dir: Path) -> Plan
     exact_cfg = ExactDedupConfig(content_getter=exact_dedup_key)
 
     # -- pass 1: clean ------------------------------------------------------------------------------------
-    clean: list[Any] = [measured(InputReader(files), "read")]
+    steps.append("read")
+    clean: list[Any] = [Measured(InputReader(files), "read")]  # a reader drops nothing: no examples to keep
     if cfg.samples:
         clean.append(SampleProbe("mark", samples_dir, limit=max(8, 8 * cfg.samples)))
     if cfg.extract.enabled:
         clean.append(
             measured(
-                HtmlExtract(favour_precision=cfg.extract.favour_precision, timeout=cfg.extract.timeout_s),
+                HtmlExtract(
+                    favour_precision=cfg.extract.favour_precision,
+                    timeout=cfg.extract.timeout_s,
+                    fallback=cfg.extract.fallback,
+                ),
                 "extract",
             )
         )

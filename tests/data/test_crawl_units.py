@@ -234,6 +234,25 @@ def test_warc_sink_recover_cuts_uncommitted_tail(tmp_path) -> None:
     assert records[0][0] == "warcinfo"
 
 
+def test_warc_sink_rotates_by_record_count(tmp_path) -> None:
+    from llmforge.data.crawl.warc import WarcSink
+
+    sink = WarcSink(tmp_path / "warc", tmp_path / "p", 10**9, "ua", max_records=2)
+    names = []
+    for i in range(5):
+        name, _ = _write_page(sink, f"http://h/{i}", b"<html>x</html>")
+        names.append(name)
+        if sink.needs_rotation():
+            sink.close_current()
+    sink.close_current()
+    assert names == ["crawl-00001.warc.gz"] * 2 + ["crawl-00002.warc.gz"] * 2 + ["crawl-00003.warc.gz"]
+    assert sorted(p.name for p in (tmp_path / "warc").iterdir()) == sorted(set(names))
+    # the byte cap still applies on its own
+    big = WarcSink(tmp_path / "w2", tmp_path / "p2", 1, "ua", max_records=100)
+    _write_page(big, "http://h/", b"<html>x</html>")
+    assert big.needs_rotation()
+
+
 def test_warc_headers_renamed_for_decoded_payload(tmp_path) -> None:
     from warcio.archiveiterator import ArchiveIterator
 

@@ -1,4 +1,4 @@
-"""Precision/recall of the PII detectors on the labelled set from ``llmforge.data.pii_eval``.
+"""Precision/recall of the PII detectors on the labelled set from ``tests/data/pii_eval.py``.
 
 The table is printed to the terminal whatever pytest's capture mode, and is also the assertion message.
 """
@@ -10,7 +10,7 @@ import itertools
 import pytest
 
 from llmforge.data.pii import KINDS, PIIMatch, PIIScrubber, find_pii
-from llmforge.data.pii_eval import LabelledDoc, evaluate, format_table, generate, score
+from tests.data.pii_eval import LabelledDoc, evaluate, format_table, generate, score
 
 TARGET_RECALL = 0.99
 TARGET_PRECISION = 0.98

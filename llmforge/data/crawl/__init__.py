@@ -3,7 +3,7 @@
 Layout of ``runs/crawl/``:
 
 * ``warc/crawl-NNNNN.warc.gz`` — complete WARC files (warcinfo + request/response pairs of stored HTML
-  pages), rotated at ``crawl.warc_max_bytes``; readable by warcio, datatrove's ``WarcReader`` and any WARC tool;
+  pages), rotated at ``crawl.warc_max_bytes`` or ``crawl.warc_max_records``; readable by warcio, datatrove's ``WarcReader`` and any WARC tool;
 * ``warc.partial/`` — the file being written (moved into ``warc/`` when closed; repaired on resume);
 * ``fetches.jsonl`` — one line per request or decision: url, final_url, status, content_type, bytes, ms,
   outcome (stored/redirect/skipped/failed/retry/ok), reason, attempt, kind (page/robots), depth;
@@ -53,6 +53,17 @@ def run_crawl(ctx: StageContext) -> StageResult:
     ]
     if report.seeds_failed:
         summary.append(("seeds failed", "; ".join(f"{u} ({reason_text(r)})" for u, r in report.seeds_failed)))
+    if not cfg.enabled:
+        # Named on the command line (`llmforge run crawl data`), so it ran; but the data stage follows the
+        # manifest's wiring and reads a crawl only when the crawl stage is enabled. Say so now, not never.
+        note = (
+            "`crawl.enabled` is false: this crawl ran because it was named, but the data stage will not read "
+            f"it. Set `crawl.enabled: true` in the manifest, or add `- path: {report.warc_dir}` to `data.inputs`."
+        )
+        from ... import console
+
+        console.get_logger(__name__).warning("crawl: %s", note)
+        summary.append(("⚠ not wired", note))
     if report.frontier_left:
         summary.append(
             ("frontier left", f"{report.frontier_left:,} URLs (raise crawl.max_pages to continue)")

@@ -335,10 +335,13 @@ class Crawler:
                 self.out_dir / PARTIAL_DIR,
                 self.cfg.warc_max_bytes,
                 self.cfg.user_agent,
+                max_records=self.cfg.warc_max_records,
             )
             lost = self.sink.recover(state.get_meta("warc_open"), state.get_meta("warc_offset", 0))
             for name in lost:
                 state.requeue(state.stored_in(name))
+            if self.sink.name is not None:  # reopened after a kill: it already holds these pages
+                self.sink.records = len(state.stored_in(self.sink.name))
             if self.sink.name is None:
                 state.set_meta(warc_open=None, warc_offset=0)
             state.add(Item(s, 0) for s in self.seeds)

@@ -1,7 +1,7 @@
 """WARC output: rotating ``*.warc.gz`` files that only appear in ``warc/`` once complete.
 
-A file being written lives in ``warc.partial/``; closing it (rotation at ``warc_max_bytes`` or the end of
-the crawl) renames it into ``warc/``. So ``warc/`` — the folder the data stage reads with datatrove's
+A file being written lives in ``warc.partial/``; closing it (rotation at ``warc_max_bytes`` or
+``warc_max_records`` stored pages, or the end of the crawl) renames it into ``warc/``. So ``warc/`` — the folder the data stage reads with datatrove's
 ``WarcReader`` — never holds a truncated file, even after a kill.
 
 Each record is its own gzip member (warcio's default), which is what makes the open file repairable: cutting
@@ -42,13 +42,22 @@ def _iso(ts: float) -> str:
 class WarcSink:
     """Appends request/response pairs; ``write`` returns (file name, committed length after the pair)."""
 
-    def __init__(self, warc_dir: Path, partial_dir: Path, max_bytes: int, user_agent: str):
+    def __init__(
+        self,
+        warc_dir: Path,
+        partial_dir: Path,
+        max_bytes: int,
+        user_agent: str,
+        max_records: int | None = None,
+    ):
         from warcio.warcwriter import WARCWriter  # heavy-ish import, only when crawling
 
         self._writer_cls = WARCWriter
         self.warc_dir = warc_dir
         self.partial_dir = partial_dir
         self.max_bytes = max_bytes
+        self.max_records = max_records
+        self.records = 0  # stored pages (response records) in the open file; the engine sets it on resume
         self.user_agent = user_agent
         warc_dir.mkdir(parents=True, exist_ok=True)
         partial_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +124,7 @@ class WarcSink:
         self._f = open(path, "ab")  # noqa: SIM115 - closed in close_current()
         self._writer = self._writer_cls(self._f, gzip=True)
         self.name = name
+        self.records = 0
         if not append:
             info = {
                 "software": f"llmforge/{_llmforge_version} (crawl stage)",
@@ -137,7 +147,15 @@ class WarcSink:
         return name
 
     def needs_rotation(self) -> bool:
-        return self._f is not None and self._f.tell() >= self.max_bytes
+        """True once the open file holds ``max_bytes`` or ``max_records`` stored pages.
+
+        Small files are what lets the data stage give each of its tasks whole files to read.
+        """
+        if self._f is None:
+            return False
+        if self.max_records is not None and self.records >= self.max_records:
+            return True
+        return self._f.tell() >= self.max_bytes
 
     # -- records -----------------------------------------------------------------------------------------
     def write(
@@ -178,6 +196,7 @@ class WarcSink:
             http_headers=StatusAndHeaders(request_line, request_headers, is_http_request=True),
         )
         writer.write_request_response_pair(req, resp)
+        self.records += 1
         # Flush to the OS (not fsync): enough for a killed process; the state commit follows this.
         self._f.flush()
         return self.name, self._f.tell()
