@@ -48,19 +48,6 @@ from .readers import InputFile
 
 log = console.get_logger(__name__)
 
-# Settings that change *how* the work runs, not what it produces: changing them must not discard work.
-_RUNTIME_ONLY = {
-    "enabled",
-    "executor",
-    "workers",
-    "slurm",
-    "ray",
-    "start_method",
-    "output_dir",
-    "samples",
-    "warn_drop_share",
-}
-
 
 @dataclass
 class Pass:
@@ -93,7 +80,9 @@ def config_hash(cfg: DataSection, files: list[InputFile]) -> str:
     """Hash of the result-changing settings and the input files (identity by path, size and mtime)."""
     from importlib.metadata import version
 
-    settings = cfg.model_dump(mode="json", exclude=_RUNTIME_ONLY)
+    # knobs marked runtime_only in the schema change how the work runs, not what it produces: changing them
+    # must not discard work
+    settings = cfg.semantic_dump()
     inputs = []
     for f in files:
         try:

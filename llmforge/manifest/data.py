@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from .base import Section, StageSection
+from .base import Section, StageSection, runtime_only
 
 PIIAction = Literal["redact", "drop-document", "keep"]
 
@@ -314,7 +314,7 @@ class DataSection(StageSection):
         "code-heavy pages, C4/FineWeb off. Applied when the manifest is read (`llmforge run data.profile=web` "
         "works). Values and reasons: docs/data.md, 'Filter profiles'.",
     )
-    warn_drop_share: float = Field(
+    warn_drop_share: float = runtime_only(
         default=0.3,
         gt=0,
         le=1,
@@ -326,14 +326,16 @@ class DataSection(StageSection):
         description="Where documents come from, besides the crawl's WARC files (used automatically when the "
         "crawl stage is enabled).",
     )
-    executor: Literal["local", "slurm", "ray"] = Field(
+    executor: Literal["local", "slurm", "ray"] = runtime_only(
         default="local", description="datatrove executor: local processes, Slurm jobs, or a Ray cluster."
     )
     tasks: int = Field(default=2, gt=0, description="Parallel tasks the input is split into.")
-    workers: int = Field(default=2, gt=0, description="Tasks run at once (local executor).")
-    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Settings for `executor: slurm`.")
-    ray: RayConfig = Field(default_factory=RayConfig, description="Settings for `executor: ray`.")
-    start_method: Literal["fork", "forkserver", "spawn"] = Field(
+    workers: int = runtime_only(default=2, gt=0, description="Tasks run at once (local executor).")
+    slurm: SlurmConfig = runtime_only(
+        default_factory=SlurmConfig, description="Settings for `executor: slurm`."
+    )
+    ray: RayConfig = runtime_only(default_factory=RayConfig, description="Settings for `executor: ray`.")
+    start_method: Literal["fork", "forkserver", "spawn"] = runtime_only(
         default="fork",
         description="How the local executor starts worker processes. `fork` shares the already-imported "
         "spaCy/trafilatura with the workers (seconds faster per pass); use `forkserver` if a library in your "
@@ -346,10 +348,10 @@ class DataSection(StageSection):
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII and secret scrubbing, per kind.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     max_file_size_mb: int = Field(default=256, gt=0, description="Rotate output shards at this size (MiB).")
-    samples: int = Field(
+    samples: int = runtime_only(
         default=3, ge=0, le=50, description="Before/after document samples shown in the report and summary."
     )
-    output_dir: Path | None = Field(
+    output_dir: Path | None = runtime_only(
         default=None, description="Override where the cleaned JSONL.gz shards go (default runs/data/output)."
     )
 
