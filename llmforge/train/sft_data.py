@@ -723,8 +723,16 @@ class _Rows:
         )
 
 
+_PAD_MULTIPLE = 64  # trimmed batch lengths are multiples of this: few distinct shapes for compile and CUDA
+
+
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+    """Stack rows into a batch, cut after the last real token of the longest row (rounded up to a multiple
+    of 64): padding past it would only cost compute, and with one conversation per row that is often half."""
+    seq_len = len(rows[0]["document_ids"])
+    used = max(int(np.flatnonzero(r["document_ids"] >= 0)[-1]) + 1 for r in rows)
+    T = min(seq_len, -(-used // _PAD_MULTIPLE) * _PAD_MULTIPLE)
+    batch = {k: torch.from_numpy(np.stack([r[k][:T] for r in rows])) for k in rows[0]}
     if not bool((batch["labels"] != IGNORE_INDEX).any()):
         raise StageInputError(
             "an SFT batch has no token to train on (all labels are -100); the shards are corrupt"
