@@ -238,25 +238,23 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)
         dropout, gqa = self.dropout if self.training else 0.0, self.n_kv_heads != self.n_heads
         if isinstance(mask, DocumentSegments):  # packed rows, one causal call per document
-            y = torch.cat(
-                [
-                    torch.cat(
-                        [
-                            F.scaled_dot_product_attention(
-                                q[b : b + 1, :, s:e],
-                                k[b : b + 1, :, s:e],
-                                v[b : b + 1, :, s:e],
-                                is_causal=True,
-                                dropout_p=dropout,
-                                enable_gqa=gqa,
-                            )
-                            for s, e in row
-                        ],
-                        dim=2,
+            # split(), not slicing: the backward of a split is one cat, while every slice would allocate and
+            # zero a full-size gradient (measured ~9% of a packed SFT step)
+            rows = []
+            for qb, kb, vb, row in zip(q.split(1), k.split(1), v.split(1), mask.bounds, strict=True):
+                sizes = [e - s for s, e in row]
+                if row[0][0]:  # leading tokens outside any document attend alone (never happens in practice)
+                    sizes.insert(0, row[0][0])
+                parts = [
+                    F.scaled_dot_product_attention(
+                        qs, ks, vs, is_causal=True, dropout_p=dropout, enable_gqa=gqa
                     )
-                    for b, row in enumerate(mask.bounds)
+                    for qs, ks, vs in zip(
+                        qb.split(sizes, 2), kb.split(sizes, 2), vb.split(sizes, 2), strict=True
+                    )
                 ]
-            )
+                rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+            y = torch.cat(rows) if len(rows) > 1 else rows[0]
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout, enable_gqa=gqa
