@@ -17,8 +17,8 @@ _EXPORTS = {
     "preset_config": "config",
     "Llama": "llama",
     "KVCache": "llama",
-    "generate": "generate",
-    "sample_next": "generate",
+    "generate": "generation",
+    "sample_next": "generation",
     "save_pretrained": "checkpoint",
     "load_pretrained": "checkpoint",
     "hf_state_dict": "checkpoint",
@@ -105,7 +105,7 @@ if TYPE_CHECKING:
         linear_kd_loss,
         linear_token_logprobs,
     )
-    from .generate import generate, sample_next
+    from .generation import generate, sample_next
     from .llama import KVCache, Llama
     from .lora import (
         LoRALinear,

@@ -98,7 +98,7 @@ def answer_locally(
     sampled with a per-prompt seed (``seed + i``), so a re-run gives the same set."""
     import torch
 
-    from ..model.generate import generate
+    from ..model.generation import generate
     from .sft import answer
 
     if temperature == 0:

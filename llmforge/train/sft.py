@@ -142,7 +142,7 @@ def _prompt_and_reference(conv: list[dict]) -> tuple[list[dict], str]:
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, device) -> list[str]:
     """Greedy answers to chat prompts, rendered with the tokenizer's template, stopping at its stop ids."""
-    from ..model.generate import generate
+    from ..model.generation import generate
 
     if not prompts:
         return []

@@ -1,9 +1,10 @@
-"""Batched autoregressive generation with a static KV cache: greedy, temperature, top-k, top-p, seeded.
+"""Batched generation in one call: a thin wrapper over the inference engine (``llmforge.infer``).
 
-Shared by SFT evaluation, alignment sampling (GRPO/PPO/rejection sampling) and the local serving engine.
-Prompts of different lengths are left-padded and masked, with each sequence's positions starting at 0, so a
-batch generates what each prompt would generate alone. Every sequence stops on its own at an EOS id or stop
-sequence; the batch ends when all have stopped or ``max_new_tokens`` is reached.
+``generate(model, prompts, n)`` runs every prompt through ``llmforge.infer.Engine`` (per-sequence KV slots,
+no padding, continuous batching) and returns the new tokens. Each prompt generates what it would generate
+alone. Callers that want streaming, text, stop strings, penalties or logprobs use the engine directly.
+``sample_next`` is the old single-distribution sampler, kept for callers that sample from logits they
+computed themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ..errors import ModelError
-from .llama import KVCache, Llama
+from .llama import Llama
 
 StopCriterion = Sequence[Sequence[int]] | Callable[[list[int]], bool]
 
@@ -98,11 +99,16 @@ def generate(
 
     input_ids: a list of token-id lists (any lengths), or a LongTensor [B, T] (with ``attention_mask`` [B, T]
     marking real tokens when it is padded, on either side). temperature 0 is greedy decoding. seed makes
-    sampling reproducible (a private generator; the global RNG is untouched). eos_token_ids: default the
-    model config's EOS ids; pass ``()`` to never stop early. stop: token-id sequences that end a sequence, or a
-    callable ``(new_tokens) -> bool`` (e.g. detokenize and look for stop strings). A sequence's stopping EOS
-    or stop sequence is included in its output, so callers can tell "finished" from "cut at max_new_tokens".
+    sampling reproducible: prompt ``i`` samples from its own generator seeded ``seed + i`` (the global RNG is
+    untouched), so its output does not depend on the other prompts; without a seed draws come from the
+    global torch RNG. eos_token_ids: default the model config's EOS ids; pass ``()`` to never stop early.
+    stop: token-id sequences that end a sequence, or a callable ``(new_tokens) -> bool``. A sequence's
+    stopping EOS or stop sequence is included in its output, so callers can tell "finished" from "cut at
+    max_new_tokens".
     """
+    from ..infer.engine import Engine, Request
+    from ..infer.params import SamplingParams
+
     prompts = _as_prompt_lists(input_ids, attention_mask)
     if not prompts:
         return []
@@ -116,53 +122,49 @@ def generate(
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:
             raise ModelError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-
-    B = len(prompts)
-    lengths = [len(p) for p in prompts]
-    P = max(lengths)
+    if temperature < 0:
+        raise ModelError(f"temperature must be >= 0 (got {temperature})")
+    if top_k is not None and top_k <= 0:
+        raise ModelError(f"top_k must be >= 1 (got {top_k})")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ModelError(f"top_p must be in (0, 1] (got {top_p})")
+    P = max(len(p) for p in prompts)
     total = P + max_new_tokens
     if total > cfg.max_position_embeddings:
         raise ModelError(
             f"longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
             f"(max_position_embeddings={cfg.max_position_embeddings}); shorten the prompt or max_new_tokens"
         )
-
-    device = model.lm_head.weight.device
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0  # any valid id: padding is masked
-    ids = torch.full((B, P), pad, dtype=torch.long, device=device)
-    mask = torch.ones((B, total), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
-        mask[i, : P - len(p)] = 0
-    ragged = min(lengths) != P  # equal lengths need no mask: the fused causal kernel path
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos = list(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    criterion = None
+    if stop is not None:
+        criterion = stop if callable(stop) else (lambda toks: _stopped(toks, stop))
 
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache.for_model(model, B, total)
-        outputs: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        h = model.hidden_states(ids, kv_cache=cache, attention_mask=mask[:, :P] if ragged else None)
-        logits = model.lm_head(h[:, -1]).float()
-        for step in range(max_new_tokens):
-            next_ids = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        engine = Engine(
+            model,
+            max_batch=min(len(prompts), 256),
+            max_model_len=total,
+            max_queue=len(prompts),
+            eos_token_ids=eos,
+        )
+        requests = [
+            Request(
+                str(i),
+                p,
+                SamplingParams(
+                    max_tokens=max_new_tokens,
+                    temperature=float(temperature),
+                    top_k=top_k or 0,
+                    top_p=1.0 if top_p is None else float(top_p),
+                    seed=None if seed is None else seed + i,
+                ),
+                stop_criterion=criterion,
             )
-            for i, t in enumerate(next_ids.tolist()):
-                if done[i]:
-                    continue
-                outputs[i].append(t)
-                if t in eos or _stopped(outputs[i], stop):
-                    done[i] = True
-            if all(done) or step == max_new_tokens - 1:
-                break
-            S = P + step + 1
-            h = model.hidden_states(
-                next_ids[:, None], kv_cache=cache, attention_mask=mask[:, :S] if ragged else None
-            )
-            logits = model.lm_head(h[:, -1]).float()
+            for i, p in enumerate(prompts)
+        ]
+        return [out.token_ids for out in engine.run(requests)]
     finally:
         model.train(was_training)
-    return outputs
