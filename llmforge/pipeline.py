@@ -136,6 +136,11 @@ def _align_inputs(lm: LoadedManifest) -> list[Path]:
     return [lm.resolve(p) for p in files] + ([lm.resolve(a.from_)] if a.from_ else [])
 
 
+def _serve_inputs(lm: LoadedManifest) -> list[Path]:
+    srv = lm.manifest.serve
+    return [lm.resolve(p) for p in (srv.model, srv.adapter) if p]
+
+
 def _distill_inputs(lm: LoadedManifest) -> list[Path]:
     d = lm.manifest.distill
     data = d.data or lm.manifest.sft.data
@@ -234,10 +239,12 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         "serve",
         ("serve",),
-        ("quantize",),
-        None,
-        "serve the model on an OpenAI-compatible endpoint",
+        ("tokenizer", "pretrain", "sft", "align", "distill", "quantize"),
+        "llmforge.serve.stage:run_serve",
+        "deploy check: serve the final model and answer a smoke conversation",
+        external_inputs=_serve_inputs,
         command="llmforge serve",
+        key_metrics=("engine", "ttft_s", "tokens_per_s"),
     ),
 )
 

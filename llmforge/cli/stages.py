@@ -33,8 +33,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
     app.add_typer(align_app, name="align")
     app.command("quantize", help="GPTQ-quantize the final model (not built yet).")(quantize)
-    app.command("serve", help="Serve the model on an OpenAI-compatible endpoint (not built yet).")(serve)
-    app.command("chat", help="Chat with a model in the terminal (not built yet).")(chat)
+    from ..serve.cli import register as register_serve
+
+    register_serve(app)
 
 
 def _warn_stale_upstream(loaded, stage: str) -> None:
@@ -223,11 +224,3 @@ for _name, _what in (
 
 def quantize(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
     _not_built("quantize", "GPTQ quantization")
-
-
-def serve(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
-    _not_built("serve", "the OpenAI-compatible server")
-
-
-def chat(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
-    _not_built("chat", "terminal chat")
