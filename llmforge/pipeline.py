@@ -132,7 +132,8 @@ def _reward_inputs(lm: LoadedManifest) -> list[Path]:
 
 def _align_inputs(lm: LoadedManifest) -> list[Path]:
     a = lm.manifest.align
-    files = [*a.dpo.data, *a.grpo.prompts, *a.ppo.prompts, *a.rejection_sampling.prompts]
+    dpo_data = a.dpo.data or (lm.manifest.reward.data if a.method == "dpo" else [])
+    files = [*dpo_data, *a.grpo.prompts, *a.ppo.prompts, *a.rejection_sampling.prompts]
     return [lm.resolve(p) for p in files] + ([lm.resolve(a.from_)] if a.from_ else [])
 
 
@@ -202,7 +203,7 @@ STAGES: tuple[StageSpec, ...] = (
         "reward",
         ("reward",),
         ("tokenizer", "pretrain", "sft"),
-        None,
+        "llmforge.align.reward:run_reward",
         "train the reward model (scalar head, Bradley–Terry) on preference pairs",
         external_inputs=_reward_inputs,
         command="llmforge align reward",
@@ -212,7 +213,7 @@ STAGES: tuple[StageSpec, ...] = (
         "align",
         ("align",),
         ("tokenizer", "pretrain", "sft", "reward"),
-        None,
+        "llmforge.align.stage:run_align",
         "align the policy: DPO and variants, GRPO, PPO, rejection sampling",
         external_inputs=_align_inputs,
         command="llmforge align",

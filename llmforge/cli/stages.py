@@ -201,22 +201,66 @@ def train_distill(
 # ---------------------------------------------------------------------------------------------------- align
 
 
-def _align_cmd(name: str, what: str):
-    def cmd(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
-        _not_built(f"align {name}", what)
+@align_app.command(
+    "reward",
+    help="Train the reward model on preference pairs (stage `reward`), or with --score FILE score "
+    "prompt/response pairs with the trained one.",
+)
+def align_reward(
+    overrides: OverridesArg = None,
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    force: ForceOpt = False,
+    score: Annotated[
+        str | None,
+        typer.Option("--score", help="JSONL of prompt/response (or chosen/rejected) rows to score."),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", help="Where --score writes (default: FILE.scored.jsonl).")
+    ] = None,
+):
+    if score is None:
+        _run_stage("reward", manifest, overrides, force)
+        return
+    from pathlib import Path
+
+    from .. import pipeline
+    from ..align.reward import score_file
+    from ..errors import StageInputError
+
+    loaded = load_manifest(manifest, only_overrides(overrides))
+    lin = pipeline.read_lineage(loaded, "reward")
+    if lin is None:
+        raise StageInputError("--score needs a trained reward model: run `llmforge align reward` first")
+    model_dir = loaded.resolve(lin["outputs"]["model"]["path"])
+    target = Path(out) if out else Path(score).with_suffix(".scored.jsonl")
+    res = score_file(model_dir, Path(score), target)
+    mean = "-" if res.mean is None else f"{res.mean:.4f}"
+    typer.echo(f"scored {res.rows} rows (mean {mean}) -> {res.out}")
+
+
+def _align_cmd(name: str, method: str | None, what: str):
+    def cmd(
+        overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST, force: ForceOpt = False
+    ):
+        ov = only_overrides(overrides)
+        if method == "sample":
+            ov = [*ov, "align.rejection_sampling.enabled=true", "align.method=none"]
+        elif method is not None:
+            ov = [*ov, f"align.method={method}"]
+        _run_stage("align", manifest, ov, force)
 
     cmd.__name__ = f"align_{name}"
-    align_app.command(name, help=f"{what[0].upper()}{what[1:]} (not built yet).")(cmd)
+    how = "rejection sampling on, align.method=none" if method == "sample" else f"align.method={method}"
+    align_app.command(name, help=f"{what} (stage `align` with {how}).")(cmd)
 
 
-for _name, _what in (
-    ("reward", "reward-model training"),
-    ("dpo", "direct preference optimisation"),
-    ("grpo", "group relative policy optimisation"),
-    ("ppo", "proximal policy optimisation"),
-    ("sample", "rejection sampling"),
+for _name, _method, _what in (
+    ("dpo", "dpo", "Direct preference optimisation and its variants (IPO, SimPO, ORPO, cDPO)"),
+    ("grpo", "grpo", "Group relative policy optimisation with verifiable rewards"),
+    ("ppo", "ppo", "Proximal policy optimisation with a value head"),
+    ("sample", "sample", "Rejection sampling: best-of-N answers as an SFT set and preference pairs"),
 ):
-    _align_cmd(_name, _what)
+    _align_cmd(_name, _method, _what)
 
 
 # ---------------------------------------------------------------------------------------------------- rest

@@ -56,12 +56,33 @@ class DPOConfig(Section):
     label_smoothing: float = Field(
         default=0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped preference labels."
     )
-    simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO target reward margin γ (ratio γ/β).")
+    simpo_gamma: float = Field(
+        default=0.5,
+        ge=0,
+        description="SimPO target reward margin γ, in reward units: L = -log σ(β·Δavg log π - γ) (TRL's "
+        "`simpo_gamma`).",
+    )
     orpo_lambda: float = Field(default=0.1, gt=0, description="ORPO: weight λ of the odds-ratio term.")
     precompute_reference: bool = Field(
         default=True,
         description="Compute the reference log-probs once before training (no second model in memory); "
         "false = keep a frozen reference model beside the policy.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack a batch's chosen and rejected sequences into rows of `seq_len` tokens (attention and "
+        "positions never cross sequences; the same log-probs) instead of padding each to the longest. Off by "
+        "default: on CPU the per-sequence attention of packed rows measured 2x slower than padding.",
+    )
+    val_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Share of pairs held out (by a stable hash of each pair) to measure reward accuracy and "
+        "margins before and after training.",
+    )
+    max_new_tokens: int = Field(
+        default=32, gt=0, description="Longest greedy answer to a held-out prompt (before/after samples)."
     )
 
 
