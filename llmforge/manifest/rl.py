@@ -39,6 +39,21 @@ class GRPOConfig(Section):
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of rollouts.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
     clip_eps: float = Field(default=0.2, gt=0, description="PPO-style clip ε of the policy ratio.")
+    clip_eps_high: float | None = Field(
+        default=None,
+        gt=0,
+        description="Upper clip bound ε_high (DAPO's clip-higher, e.g. 0.28); default: clip_eps.",
+    )
+    scale_rewards: bool = Field(
+        default=True,
+        description="Divide group-centred rewards by the group's std (GRPO); false = Dr. GRPO's unscaled "
+        "advantages.",
+    )
+    track_kl: bool = Field(
+        default=False,
+        description="Measure the KL to the starting policy even when kl_beta is 0 (keeps a frozen copy "
+        "of the model: one more forward per batch, and its memory).",
+    )
     kl_beta: float = Field(
         default=0.0, ge=0, description="KL penalty to the reference (0 = off, current practice)."
     )
