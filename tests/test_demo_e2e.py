@@ -16,10 +16,18 @@ from tests.cli import run_cli as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # Same overrides on every call: overrides are part of the fingerprint.
-FAST = ["pretrain.max_steps=12", "pretrain.warmup_steps=2", "pretrain.eval_every=6", "pretrain.save_every=6"]
+FAST = [
+    "pretrain.max_steps=12",
+    "pretrain.warmup_steps=2",
+    "pretrain.eval_every=6",
+    "pretrain.save_every=6",
+    "distill.max_steps=8",
+    "distill.warmup_steps=1",
+]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # six stages, three times over; minutes on a quiet 2-core machine, more when loaded
 def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     code, _, err = cli(["init", "demo"], tmp_path, capsys)
@@ -29,18 +37,25 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
 
     code, out, err = cli(["run", *FAST], demo, capsys)
     assert code == 0, out + err
-    assert "3 stage(s) ran, 0 cached" in out
+    assert "6 stage(s) ran, 0 cached" in out
+    # the fine-tuned model follows the answer format of the SFT data on held-out prompts
+    sft = json.loads((demo / "runs" / "sft" / "lineage.json").read_text())["metrics"]
+    assert sft["format_rate_before"] == 0.0 and sft["format_rate_after"] >= 0.5, sft
+    distill = json.loads((demo / "runs" / "distill" / "lineage.json").read_text())["metrics"]
+    assert distill["val_kl"] >= 0 and distill["student_params"] < distill["teacher_params"], distill
+    deploy = json.loads((demo / "runs" / "serve" / "lineage.json").read_text())["metrics"]
+    assert deploy["engine"] == "local", deploy
 
     # Second run: everything cached.
     code, out, err = cli(["run", *FAST], demo, capsys)
-    assert code == 0 and "0 stage(s) ran, 3 cached" in out, out + err
+    assert code == 0 and "0 stage(s) ran, 6 cached" in out, out + err
 
     # Editing one section re-runs that stage and the ones after it only.
     manifest = demo / "llmforge.yaml"
     manifest.write_text(manifest.read_text().replace("vocab_size: 1024", "vocab_size: 900"))
     code, out, err = cli(["run", *FAST], demo, capsys)
     assert code == 0, out + err
-    assert "2 stage(s) ran, 1 cached" in out
+    assert "5 stage(s) ran, 1 cached" in out
     assert "data cached" in out and "config changed: tokenizer.vocab_size" in out
     # pretrain re-ran from scratch on the new tokenizer: the old run's checkpoints were set aside, not resumed.
     assert (demo / "runs" / "pretrain" / "checkpoints.previous").is_dir()
@@ -48,7 +63,7 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
 
     code, out, _ = cli(["status", "--json", *FAST], demo, capsys)
     states = {r["stage"]: r["state"] for r in json.loads(out)}
-    assert states["data"] == states["tokenizer"] == states["pretrain"] == "done"
+    assert {states[s] for s in ("data", "tokenizer", "pretrain", "sft", "distill", "serve")} == {"done"}
 
     code, out, _ = cli(["lineage", "--json", "runs/pretrain/model"], demo, capsys)
     tree = json.loads(out)
