@@ -137,6 +137,14 @@ def _align_inputs(lm: LoadedManifest) -> list[Path]:
     return [lm.resolve(p) for p in files] + ([lm.resolve(a.from_)] if a.from_ else [])
 
 
+def _quantize_inputs(lm: LoadedManifest) -> list[Path]:
+    q = lm.manifest.quantize
+    paths = [lm.resolve(q.from_)] if q.from_ else []
+    if q.calibration == "sft":
+        paths += [lm.resolve(p) for p in lm.manifest.sft.data]
+    return paths
+
+
 def _serve_inputs(lm: LoadedManifest) -> list[Path]:
     srv = lm.manifest.serve
     return [lm.resolve(p) for p in (srv.model, srv.adapter) if p]
@@ -232,10 +240,12 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         "quantize",
         ("quantize",),
-        ("pretrain", "sft", "align", "distill"),
-        None,
-        "GPTQ-quantize the final model",
+        ("tokenizer", "pretrain", "sft", "align", "distill"),
+        "llmforge.quantize.stage:run_quantize",
+        "GPTQ-quantize the final model, judged against round-to-nearest",
+        external_inputs=_quantize_inputs,
         command="llmforge quantize",
+        key_metrics=("ppl_increase", "method"),
     ),
     StageSpec(
         "serve",

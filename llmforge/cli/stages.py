@@ -32,7 +32,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
     app.add_typer(train_app, name="train")
     app.add_typer(align_app, name="align")
-    app.command("quantize", help="GPTQ-quantize the final model (not built yet).")(quantize)
+    app.command(
+        "quantize",
+        help="GPTQ-quantize the final model and compare it with round-to-nearest (stage `quantize`).",
+    )(quantize)
     from ..serve.cli import register as register_serve
 
     register_serve(app)
@@ -266,5 +269,7 @@ for _name, _method, _what in (
 # ---------------------------------------------------------------------------------------------------- rest
 
 
-def quantize(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST):
-    _not_built("quantize", "GPTQ quantization")
+def quantize(
+    overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST, force: ForceOpt = False
+):
+    _run_stage("quantize", manifest, overrides, force)

@@ -81,13 +81,6 @@ def test_missing_manifest_hint(tmp_path, capsys):
     assert code == 2 and "manifest not found" in err and "llmforge init" in err
 
 
-def test_unbuilt_commands_exit_3(dummy, capsys):
-    for args in (["quantize"],):
-        code, _, err = run_main(args, dummy, capsys)
-        assert code == 3, args
-        assert "not built yet" in err
-
-
 def test_run_status_lineage_through_cli(dummy, capsys):
     code, out, _ = run_main(["run"], dummy, capsys)
     assert code == 0

@@ -91,8 +91,11 @@ def test_unchanged_output_keeps_downstream_cached(project):
     """Content addressing: `a` re-runs for a config change that does not change its output."""
     pipeline.run(load(project))
     calls(project)
-    out = pipeline.run(load(project, "data.workers=1"))
+    # (a semantic knob the dummy stage ignores; runtime-only knobs such as data.workers re-run nothing at all)
+    out = pipeline.run(load(project, "data.max_file_size_mb=77"))
     assert actions(out) == {"a": "ran", "b": "cached", "c": "cached"}
+    out = pipeline.run(load(project, "data.max_file_size_mb=77", "data.workers=1"))
+    assert actions(out) == {"a": "cached", "b": "cached", "c": "cached"}
 
 
 def test_force_reruns_the_stage(project):
