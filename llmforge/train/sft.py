@@ -142,23 +142,21 @@ def _prompt_and_reference(conv: list[dict]) -> tuple[list[dict], str]:
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, device) -> list[str]:
     """Greedy answers to chat prompts, rendered with the tokenizer's template, stopping at its stop ids."""
-    from ..model.generation import generate
+    from ..infer.engine import Engine, Request
+    from ..infer.params import SamplingParams
+    from ..model.checkpoint import unwrap
 
     if not prompts:
         return []
-    was_training = model.training
-    model.eval()
+    model = unwrap(model)
     ids = [tokenizer.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
     limit = model.config.max_position_embeddings
     ids = [p[-(limit - max_new_tokens) :] if len(p) + max_new_tokens > limit else p for p in ids]
-    stop = list(tokenizer.info.stop_ids) or None
-    outs = []
-    for p in ids:  # one at a time: no padding effects on a tiny model's answers
-        new = generate(model, [p], max_new_tokens, eos_token_ids=stop)[0]
-        new = [t for t in new if not stop or t not in stop]
-        outs.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    model.train(was_training)
-    return outs
+    # the engine batches the prompts continuously; a request's answer does not depend on its neighbours
+    engine = Engine(model, tokenizer, max_batch=min(len(ids), 32))
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    outs = engine.run([Request(str(i), p, params) for i, p in enumerate(ids)])
+    return [o.text.strip() for o in outs]
 
 
 def format_rate(answers: list[str], pattern: str | None) -> float | None:
