@@ -16,7 +16,12 @@ import random
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "llmforge" / "templates" / "tiny" / "sft" / "arithmetic.jsonl"
-ASK_ADD = ["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What do you get from {a} + {b}?"]
+ASK_ADD = [
+    "What is {a} plus {b}?",
+    "Add {a} and {b}.",
+    "Compute {a} + {b}.",
+    "What do you get from {a} + {b}?",
+]
 ASK_SUB = ["What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}.", "What is {a} - {b}?"]
 SYSTEMS = ["You are a careful calculator.", "Answer briefly.", "You help with arithmetic."]
 
@@ -35,7 +40,10 @@ def conversation(rng: random.Random) -> dict:
         messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
     for _ in range(2 if rng.random() < 0.1 else 1):
         q, ans = question(rng)
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {ans}."}]
+        messages += [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": f"The answer is {ans}."},
+        ]
     return {"messages": messages}
 
 

@@ -27,7 +27,9 @@ FAST = [
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # six stages, three times over; minutes on a quiet 2-core machine, more when loaded
+@pytest.mark.timeout(
+    1800
+)  # six stages, three times over; minutes on a quiet 2-core machine, more when loaded
 def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     code, _, err = cli(["init", "demo"], tmp_path, capsys)

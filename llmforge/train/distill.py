@@ -611,15 +611,10 @@ def ensure_topk(
 
 def run_distill(ctx: StageContext) -> StageResult:
     """The ``distill`` stage (``llmforge train distill``): see the module docstring."""
-    from . import dist
+    from .recipe import relaunch_under_torchrun
 
-    cfg = ctx.manifest.distill
-    nproc = int(ctx.options.get("nproc") or cfg.nproc)
-    if (cfg.launcher == "torchrun" or ctx.options.get("nproc")) and not dist.in_torchrun():
-        from .launch import relaunch
-
-        return relaunch(ctx, nproc)
-    return _distill_here(ctx)
+    result = relaunch_under_torchrun(ctx, ctx.manifest.distill)
+    return result if result is not None else _distill_here(ctx)
 
 
 def _load_teacher(path: Path, tokenizer_dir: Path, tokenizer) -> nn.Module:

@@ -64,6 +64,19 @@ def resolve_model(ctx: StageContext, explicit: str | os.PathLike | None, field: 
     )
 
 
+def relaunch_under_torchrun(ctx: StageContext, cfg):
+    """A training stage asked for several processes (``launcher: torchrun`` or ``--nproc``) and not yet under
+    torchrun: re-launch it there and return rank 0's result; None when the stage should train here."""
+    from . import dist
+
+    nproc = int(ctx.options.get("nproc") or cfg.nproc)
+    if (cfg.launcher == "torchrun" or ctx.options.get("nproc")) and not dist.in_torchrun():
+        from .launch import relaunch
+
+        return relaunch(ctx, nproc)
+    return None
+
+
 def training_env(project):
     """(DistEnv, device) for ``project.device``; joins torchrun's process group when started by it."""
     import torch

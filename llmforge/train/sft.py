@@ -192,15 +192,10 @@ def data_files(ctx: StageContext, paths: list[str], field: str) -> list[Path]:
 
 
 def run_sft(ctx: StageContext) -> StageResult:
-    from . import dist
+    from .recipe import relaunch_under_torchrun
 
-    cfg = ctx.manifest.sft
-    nproc = int(ctx.options.get("nproc") or cfg.nproc)
-    if (cfg.launcher == "torchrun" or ctx.options.get("nproc")) and not dist.in_torchrun():
-        from .launch import relaunch
-
-        return relaunch(ctx, nproc)
-    return _sft_here(ctx)
+    result = relaunch_under_torchrun(ctx, ctx.manifest.sft)
+    return result if result is not None else _sft_here(ctx)
 
 
 def _sft_here(ctx: StageContext) -> StageResult:
@@ -303,9 +298,8 @@ def _sft_here(ctx: StageContext) -> StageResult:
     lora = cfg.lora.enabled
     model_io: Any
     if lora:
-        from ..model.lora import apply_lora, quantize_base_nf4
-
         from ..errors import ModelError
+        from ..model.lora import apply_lora, quantize_base_nf4
 
         try:
             wrapped = apply_lora(model, cfg.lora)

@@ -106,15 +106,10 @@ def run_pretrain(ctx: StageContext) -> StageResult:
 
     ``ctx.options["nproc"]`` (from the CLI) overrides ``pretrain.nproc`` for the torchrun launcher.
     """
-    from . import dist
+    from .recipe import relaunch_under_torchrun
 
-    cfg = ctx.manifest.pretrain
-    nproc = int(ctx.options.get("nproc") or cfg.nproc)
-    if (cfg.launcher == "torchrun" or ctx.options.get("nproc")) and not dist.in_torchrun():
-        from .launch import relaunch
-
-        return relaunch(ctx, nproc)
-    return _train_here(ctx)
+    result = relaunch_under_torchrun(ctx, ctx.manifest.pretrain)
+    return result if result is not None else _train_here(ctx)
 
 
 def _train_here(ctx: StageContext) -> StageResult:

@@ -43,7 +43,9 @@ def _conversations(n: int, seed: int = 0) -> list[dict]:
 def base(tmp_path_factory):
     """A tokenizer with the ChatML template and a random tiny Llama saved with it."""
     root = tmp_path_factory.mktemp("sftbase")
-    docs = make_docs(300) + [f"What is {a} plus {b}? The answer is {a + b}." for a in range(10) for b in range(10)]
+    docs = make_docs(300) + [
+        f"What is {a} plus {b}? The answer is {a + b}." for a in range(10) for b in range(10)
+    ]
     tok = train_and_export(root / "tok", docs, vocab_size=600)
     from llmforge.tokenizer.info import load_tokenizer_info
 
@@ -95,7 +97,9 @@ def _project(root: Path, base, **sft) -> StageContext:
     loaded = load(root / "llmforge.yaml")
     out = loaded.runs_dir / "sft"
     out.mkdir(parents=True, exist_ok=True)
-    return StageContext(name="sft", loaded=loaded, out_dir=out, upstream={"tokenizer": {"tokenizer": base["tok"]}})
+    return StageContext(
+        name="sft", loaded=loaded, out_dir=out, upstream={"tokenizer": {"tokenizer": base["tok"]}}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +119,9 @@ def test_full_fine_tuning_teaches_the_format(full, base):
     labels = dict(res.summary)
     assert "sft.from" in labels["started from"] and "held-out prompts" in labels["follows format"]
     report = json.loads((ctx.out_dir / "report.json").read_text())
-    assert len(report["samples"]) == 8 and {"prompt", "reference", "before", "after"} <= set(report["samples"][0])
+    assert len(report["samples"]) == 8 and {"prompt", "reference", "before", "after"} <= set(
+        report["samples"][0]
+    )
     # the output is a self-describing HF checkpoint with the project tokenizer
     out = ctx.out_dir / "model"
     assert (out / "tokenizer.json").read_bytes() == (base["tok"] / "tokenizer.json").read_bytes()
@@ -139,7 +145,9 @@ def test_lora_writes_a_peft_adapter_and_an_equal_merged_model(tmp_path, base):
     assert set(res.outputs) == {"model", "adapter"}
     adapter = res.outputs["adapter"]
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(base["model"])
+    assert (
+        cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(base["model"])
+    )
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "trainer_state.pt").exists()
     assert res.metrics["trainable_params"] < res.metrics["params"] / 5
 
@@ -187,7 +195,7 @@ def test_the_upstream_model_is_used_when_from_is_unset(tmp_path, base):
 def test_no_model_to_start_from_says_what_to_do(tmp_path, base):
     ctx = _project(tmp_path, base, max_steps=3)
     ctx.loaded.manifest.sft.from_ = None
-    with pytest.raises(LLMForgeError, match="needs a model to start from.*sft.from"):
+    with pytest.raises(LLMForgeError, match=r"needs a model to start from.*sft\.from"):
         run_sft(ctx)
 
 

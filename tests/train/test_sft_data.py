@@ -113,9 +113,7 @@ def test_prompt_completion_rows_become_user_and_assistant_turns(tmp_path, tok_di
     tokenize_sft([f], tok_dir, tmp_path / "out", seq_len=256, val_fraction=0)
     got = _split_docs(ShardIndex.load(tmp_path / "out"), "train")
     tok = load_tokenizer(tok_dir)
-    want0 = encode_chat(
-        tok, [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
-    )
+    want0 = encode_chat(tok, [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}])
     want1 = encode_chat(
         tok,
         [
