@@ -724,8 +724,8 @@ def _distill_here(ctx: StageContext) -> StageResult:
     from . import dist
     from .loop import Objective, resolve_precision, train
     from .recipe import export_model, resolve_model, train_metrics, train_summary, training_env
-    from .sft import data_files, sft_loss
-    from .sft_data import sft_eval_batches, tokenize_sft
+    from .sft import data_files, prepare_data, sft_loss
+    from .sft_data import sft_eval_batches
 
     m = ctx.manifest
     cfg, project = m.distill, m.project
@@ -760,21 +760,7 @@ def _distill_here(ctx: StageContext) -> StageResult:
         gen_file, lineage = _generate_data(ctx, cfg, teacher, teacher_src, tokenizer, files, env, device)
         files = [gen_file]
     data_dir = ctx.out_dir / "data"
-    if env.is_main:
-        stats = tokenize_sft(
-            files,
-            tokenizer_dir,
-            data_dir,
-            seq_len=cfg.seq_len,
-            truncation=cfg.truncation,
-            val_fraction=cfg.val_fraction,
-            seed=project.seed,
-        )
-    dist.barrier()
-    if not env.is_main:
-        from .sft_data import SFTDataStats
-
-        stats = SFTDataStats.from_dict(json.loads((data_dir / "index.json").read_text())["sft"]["stats"])
+    stats = prepare_data(files, tokenizer_dir, data_dir, cfg, project.seed, env)
     index = ShardIndex.load(data_dir)
     pad_id = tokenizer.info.pad_id if tokenizer.info.pad_id is not None else tokenizer.info.eos_id
     common = dict(

@@ -191,6 +191,30 @@ def data_files(ctx: StageContext, paths: list[str], field: str) -> list[Path]:
     return list_sft_files([ctx.resolve(p) for p in paths])
 
 
+def prepare_data(files, tokenizer_dir, data_dir: Path, cfg, seed: int, env, *, val_files=()):
+    """Tokenize conversations once into masked shards under ``data_dir`` (rank 0; reused while the inputs
+    are unchanged); every rank gets the counts. ``cfg`` is a section with SFT's data knobs."""
+    from . import dist
+    from .sft_data import SFTDataStats, tokenize_sft
+
+    stats = None
+    if env.is_main:
+        stats = tokenize_sft(
+            files,
+            tokenizer_dir,
+            data_dir,
+            seq_len=cfg.seq_len,
+            truncation=cfg.truncation,
+            val_fraction=cfg.val_fraction,
+            val_files=val_files,
+            seed=seed,
+        )
+    dist.barrier()
+    if stats is None:
+        stats = SFTDataStats.from_dict(json.loads((data_dir / "index.json").read_text())["sft"]["stats"])
+    return stats
+
+
 def run_sft(ctx: StageContext) -> StageResult:
     from .recipe import relaunch_under_torchrun
 
@@ -212,7 +236,7 @@ def _sft_here(ctx: StageContext) -> StageResult:
         train_summary,
         training_env,
     )
-    from .sft_data import SFTBatches, sft_eval_batches, tokenize_sft
+    from .sft_data import SFTBatches, sft_eval_batches
 
     m = ctx.manifest
     cfg, project = m.sft, m.project
@@ -226,22 +250,7 @@ def _sft_here(ctx: StageContext) -> StageResult:
 
     # -- data: tokenized once into masked shards (rank 0), reused while the inputs are unchanged ---------
     data_dir = ctx.out_dir / "data"
-    if env.is_main:
-        stats = tokenize_sft(
-            files,
-            tokenizer_dir,
-            data_dir,
-            seq_len=cfg.seq_len,
-            truncation=cfg.truncation,
-            val_fraction=cfg.val_fraction,
-            val_files=val_files,
-            seed=project.seed,
-        )
-    dist.barrier()
-    if not env.is_main:
-        from .sft_data import SFTDataStats
-
-        stats = SFTDataStats.from_dict(json.loads((data_dir / "index.json").read_text())["sft"]["stats"])
+    stats = prepare_data(files, tokenizer_dir, data_dir, cfg, project.seed, env, val_files=val_files)
     index = ShardIndex.load(data_dir)
     pad_id = tokenizer.info.pad_id if tokenizer.info.pad_id is not None else tokenizer.info.eos_id
     data = SFTBatches(
