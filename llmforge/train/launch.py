@@ -247,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                     "tables": result.tables,
                 },
             )
+        # every rank reaches here before any rank tears the process group down: a gloo rank that destroys its
+        # group while a peer's last collective or socket close is still in flight can abort the peer
+        # ("terminate called without an active exception", SIGABRT) after a fully successful run
+        dist.barrier()
         return 0
     except LLMForgeError as err:
         _write_error(argv[0], ctx, err)
