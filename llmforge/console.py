@@ -104,6 +104,33 @@ def get_console():
     return _state.console
 
 
+# Width of results printed when stdout is not a terminal (a pipe, a file, a CI log): wide enough that rich never
+# cuts a figure, a fingerprint or a drop reason to fit, and tables only take the width their content needs.
+PIPE_WIDTH = 4096
+
+
+def output_width() -> int | None:
+    """Width for results on stdout: None (the terminal's own) on a TTY; under a pipe ``$COLUMNS`` when the
+    user set it, else ``PIPE_WIDTH``. rich would otherwise assume 80 columns and cut cells with ``…``."""
+    try:
+        tty = sys.stdout.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stdout
+        tty = False
+    if tty:
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
+
+
+def stdout_console():
+    """A rich Console on stdout for results (tables, summaries), sized by ``output_width()``.
+
+    Made afresh on each call so that the width follows where stdout points now (tests swap it)."""
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False, width=output_width())
+
+
 def get_logger(name: str) -> logging.Logger:
     """A logger under the ``llmforge`` hierarchy (pass ``__name__``)."""
     if not name.startswith(_LOGGER_ROOT):

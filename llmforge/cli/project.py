@@ -32,6 +32,11 @@ def register(app: typer.Typer) -> None:
         "skipping stages whose inputs did not change.",
     )(run)
     app.command("status", help="Show each stage's state, fingerprint, time and key metrics.")(status)
+    app.command(
+        "report",
+        help="Rebuild runs/report.md and runs/report.html (results, per-stage times, loss and reward curves) "
+        "from what is on disk; `llmforge run` writes them when it ends.",
+    )(report)
     app.command("lineage", help="Show the chain of stages and inputs that produced an artifact.")(lineage)
 
 
@@ -91,6 +96,7 @@ def validate(
         bool, typer.Option("--show", help="Print the resolved manifest (defaults filled in) as YAML.")
     ] = False,
 ) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from .. import manifest as mf
@@ -104,7 +110,7 @@ def validate(
         t.add_column("default")
         t.add_column("description")
         for key, typ, default, desc in rows:
-            t.add_row(key, typ, default, desc)
+            t.add_row(escape(key), escape(typ), escape(default), escape(desc))
         console.print(t)
         if not Path(manifest).exists():
             return
@@ -148,6 +154,13 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would run and why, run nothing.")
     ] = False,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="When every stage succeeded, serve the final model as `llmforge serve` does, until Ctrl-C.",
+        ),
+    ] = False,
 ) -> None:
     from .. import pipeline
 
@@ -159,10 +172,16 @@ def run(
     if dry_run:
         _dry_run(loaded, names, forced)
         return
-    run_stages(loaded, names, force=forced)
+    run_stages(loaded, names, force=forced, report=True)
+    if serve:  # only reached when the pipeline succeeded: a failed stage raised above
+        from ..serve import cli as serve_cli
+
+        out().print("[bold]Serving the final model[/] (Ctrl-C stops)")
+        serve_cli.serve(overrides=overrides, manifest=manifest, port=None, host=None, engine=None, model=None)
 
 
 def _dry_run(loaded, names, forced) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from .. import pipeline
@@ -180,7 +199,7 @@ def _dry_run(loaded, names, forced) -> None:
         elif cur.state == "done":
             t.add_row(s.name, "[dim]skip (cached)[/]", "")
         else:
-            t.add_row(s.name, "run", cur.reason or cur.state)
+            t.add_row(s.name, "run", escape(cur.reason or cur.state))
     out().print(t)
 
 
@@ -205,6 +224,7 @@ def status(
     manifest: ManifestOpt = DEFAULT_MANIFEST,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from .. import pipeline
@@ -240,8 +260,8 @@ def status(
             (lin.get("fingerprint") or "")[:12],
             _ago(lin.get("finished_at")),
             format_duration(lin.get("wall_time_s")) if lin else "",
-            key,
-            r.reason,
+            escape(key),
+            escape(r.reason),
         )
     out().print(t)
 
@@ -263,6 +283,34 @@ def _ago(iso: str | None) -> str:
     if secs < 172800:
         return f"{int(secs // 3600)}h ago"
     return then.strftime("%Y-%m-%d")
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def report(overrides: OverridesArg = None, manifest: ManifestOpt = DEFAULT_MANIFEST) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .. import report as run_report
+
+    loaded = load_manifest(manifest, only_overrides(overrides))
+    written = run_report.write(loaded)
+    rep = written.report
+    console = out()
+    if rep.results:
+        t = Table(title="Results", title_justify="left")
+        for col in ("stage", "measure", "before", "after", "note"):
+            t.add_column(col)
+        for row in rep.results:
+            t.add_row(*[escape(c) for c in row])
+        console.print(t)
+    unfinished = [s.name for s in rep.stages if s.state in ("failed", "interrupted", "running")]
+    console.print(
+        f"[bold green]✓[/] report of {len(rep.stages)} stage(s)"
+        + (f" ([red]not finished: {', '.join(unfinished)}[/])" if unfinished else "")
+        + f": {written.markdown}, {written.html} ({len(written.images)} picture(s) in {written.markdown.parent / run_report.ASSETS})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- lineage

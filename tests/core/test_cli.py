@@ -31,6 +31,7 @@ def test_help_lists_every_group():
         "run",
         "status",
         "lineage",
+        "report",
         "data",
         "train",
         "align",
