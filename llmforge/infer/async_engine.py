@@ -277,11 +277,17 @@ def load_engine(
     model_name: str | None = None,
     prefill_chunk: int = 256,
     max_num_batched_tokens: int | None = None,
+    quantized: str = "dequantize",
 ) -> LocalEngine:
     """A ``LocalEngine`` over the Hugging Face checkpoint in ``model_dir`` (weights load in ``start()``).
 
     The tokenizer (and so the chat template, stop ids and ``max_model_len``) is read now, so a gateway can
     validate requests while the weights load. model_name defaults to the directory name.
+
+    A GPTQ checkpoint (``quantization_config.quant_method: gptq``) loads through ``llmforge.quantize.load``:
+    ``quantized="dequantize"`` turns every quantized projection into the float weight it encodes once, at load
+    (float speed and memory; any device); ``"packed"`` keeps them 4-bit in memory and multiplies with torch's
+    int4 CPU kernel where a layer fits it, unpacking per call elsewhere (and on CUDA).
     """
     import json
 
@@ -299,16 +305,27 @@ def load_engine(
         raise CheckpointError(
             f"max_model_len={max_model_len} exceeds {config_path}'s max_position_embeddings={limit}; lower it"
         )
+    if quantized not in ("dequantize", "packed"):
+        raise ValueError(f"quantized={quantized!r}: choose 'dequantize' or 'packed'")
     tokenizer = load_tokenizer(d)
     length = max_model_len or limit or 2048
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    gptq = bool(raw.get("quantization_config")) and (
+        str(raw["quantization_config"].get("quant_method", "")).lower() == "gptq"
+    )
 
     def build() -> Engine:
         from ..model.checkpoint import load_pretrained
+        from ..model.llama import torch_dtype
         from .engine import Engine
 
-        model = load_pretrained(d, device=dev, dtype=dt)
+        if gptq:
+            from ..quantize.load import load_model
+
+            model = load_model(d, device=dev, dtype=torch_dtype(dt), quantized=quantized)
+        else:
+            model = load_pretrained(d, device=dev, dtype=dt)
         return Engine(
             model,
             tokenizer,

@@ -123,11 +123,13 @@ def load_gptq(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     packed: bool = False,
+    kernel: str = "auto",
 ):
     """An llmforge ``Llama`` (eval mode) holding the weights a GPTQ checkpoint encodes, dequantized.
 
-    packed: keep the quantized projections packed (``qlinear.GPTQLinear``, unpacked per call): the quantized
-    model's memory at run time, slower forwards. Loading still passes through the float weights once.
+    packed: keep the quantized projections packed (``qlinear.GPTQLinear``): the quantized model's memory at run
+    time. ``kernel`` picks how they multiply (``qlinear``'s docstring): ``"auto"`` = torch's int4 CPU matmul
+    where a layer fits it, unpack-per-call elsewhere. Loading still passes through the float weights once.
     """
     from ..errors import ModelError
     from ..model.checkpoint import load_hf_state_dict
@@ -152,12 +154,12 @@ def load_gptq(
         torch.bfloat16: "bfloat16",
     }[dtype]
     if packed:
-        _pack_projections(model, d, device)
+        _pack_projections(model, d, device, kernel)
     model.eval()
     return model
 
 
-def _pack_projections(model, d: Path, device: str | torch.device) -> None:
+def _pack_projections(model, d: Path, device: str | torch.device, kernel: str = "auto") -> None:
     from .layout import QUANTIZED_PROJECTIONS
     from .qlinear import GPTQLinear
 
@@ -175,16 +177,25 @@ def _pack_projections(model, d: Path, device: str | torch.device) -> None:
                 *(tensors[p + s].to(device) for s in QUANT_SUFFIXES),
                 bits=int(qc["bits"]),
                 bias=None if old.bias is None else old.bias.detach(),
+                kernel=kernel,
             )
             setattr(parent, attr, q)
 
 
 def load_model(
-    directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    quantized: str = "dequantize",
 ):
-    """Any checkpoint llmforge serves: GPTQ ones dequantized (fp32 unless ``dtype``), others as stored."""
+    """Any checkpoint llmforge serves: others as stored; GPTQ ones in float (fp32 unless ``dtype``) with
+    ``quantized="dequantize"``, or kept 4-bit in memory with ``quantized="packed"`` (``load_gptq(packed=True)``).
+    """
     if is_gptq_checkpoint(directory):
-        return load_gptq(directory, device=device, dtype=dtype or torch.float32)
+        if quantized not in ("dequantize", "packed"):
+            raise ValueError(f"quantized={quantized!r}: choose 'dequantize' or 'packed'")
+        return load_gptq(directory, device=device, dtype=dtype or torch.float32, packed=quantized == "packed")
     from ..model import load_pretrained
 
     return load_pretrained(directory, device=device, dtype=dtype)
