@@ -8,23 +8,219 @@ what else is in the batch), so they are ``runtime_only``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from typing_extensions import TypeAliasType
 
 from .base import Section, StageSection, runtime_only
 
+# the kinds of llmforge.data.pii (checked equal by a test; not imported, so the manifest stays light)
+PII_KINDS = ("email", "phone", "ipv4", "ipv6", "credit_card", "iban", "ssn", "secret")
+
+
+DIRECTION_DOC = "Where the filter runs: `input` (every prompt / message), `output` (every answer), or `both`."
+
+
+class _FilterBase(Section):
+    name: str | None = Field(
+        default=None,
+        description="Name of the filter in logs and /metrics (default: its type, numbered when repeated).",
+    )
+    direction: Literal["input", "output", "both"] = Field(default="both", description=DIRECTION_DOC)
+    on_error: Literal["fail_closed", "fail_open"] = Field(
+        default="fail_closed",
+        description="When the filter raises or exceeds `timeout_s`: `fail_closed` blocks the text, "
+        "`fail_open` lets it through (the failure is logged and counted either way).",
+    )
+    timeout_s: float = Field(default=5.0, gt=0, description="Seconds one check may take before it fails.")
+
+
+class BlocklistFilter(_FilterBase):
+    """Words / phrases and regexes, matched on normalised text (NFKC, case-folded, zero-width characters
+    removed, homoglyphs and diacritics folded); words also match spaced out (`b a d`) and in leetspeak."""
+
+    type: Literal["blocklist"] = Field(description="`blocklist`: words, phrases and regexes.")
+    words: list[str] = Field(
+        default_factory=list,
+        description="Words or phrases, matched whole (not inside longer words), evasion-aware: `Ｂａｄ`, "
+        "`b a d`, `b.a.d`, `bаd` (Cyrillic а), `b4d`, zero-width characters.",
+    )
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="Python regexes searched (case-insensitive) in the normalised text.",
+    )
+    action: Literal["block", "redact", "flag"] = Field(
+        default="block",
+        description="`block` refuses the prompt / ends the answer, `redact` replaces the match, `flag` only "
+        "logs and counts it.",
+    )
+    replacement: str = Field(default="<REDACTED>", description="Text a redacted match is replaced with.")
+    window_chars: int = Field(
+        default=64,
+        ge=1,
+        description="Streaming: normalised characters held back for `patterns` (the longest text a pattern "
+        "may match); words need no setting (their longest match is computed).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> BlocklistFilter:
+        if not self.words and not self.patterns:
+            raise ValueError("a blocklist filter needs `words` or `patterns`")
+        for i, p in enumerate(self.patterns):
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"patterns[{i}] {p!r} is not a valid regex: {e}") from None
+        if any(not w.strip() for w in self.words):
+            raise ValueError("words: an entry is empty")
+        return self
+
+
+class PIIFilter(_FilterBase):
+    """The data stage's detectors (`llmforge.data.pii`): the same kinds and typed placeholders."""
+
+    type: Literal["pii"] = Field(description="`pii`: personal data and secrets (llmforge.data.pii).")
+    kinds: list[str] = Field(
+        default_factory=lambda: list(PII_KINDS),
+        description="PII kinds to detect: email, phone, ipv4, ipv6, credit_card, iban, ssn, secret.",
+    )
+    action: Literal["block", "redact", "flag"] = Field(
+        default="redact",
+        description="`redact` replaces each value with its typed placeholder (`<EMAIL>`, `<PHONE>`...), "
+        "`block` refuses the prompt / ends the answer, `flag` only logs and counts.",
+    )
+    window_chars: int = Field(
+        default=64,
+        ge=1,
+        description="Streaming: characters held back so that a value split across chunks is seen whole "
+        "before any of it is sent (the longest value that is guaranteed never to leak in part).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PIIFilter:
+        bad = [k for k in self.kinds if k not in PII_KINDS]
+        if bad:
+            raise ValueError(f"kinds: unknown PII kind(s) {bad}; expected some of {list(PII_KINDS)}")
+        if not self.kinds:
+            raise ValueError("kinds: name at least one PII kind")
+        return self
+
+
+DEFAULT_CLASSIFIER_PROMPT = (
+    "Task: Check if there is unsafe content in '{role}' messages in conversations according to our safety "
+    "policy.\n\n<BEGIN CONVERSATION>\n\n{role}: {text}\n\n<END CONVERSATION>\n\n"
+    "Provide your safety assessment for {role} in the above conversation:\n"
+    "- First line must read 'safe' or 'unsafe'.\n"
+    "- If unsafe, a second line must include a comma-separated list of violated categories."
+)
+
+
+class ClassifierFilter(_FilterBase):
+    """Asks a model behind any OpenAI-compatible endpoint (e.g. a Llama-Guard-style model served by a second
+    `llmforge serve`) for a safe/unsafe verdict on each text; on outputs it judges the whole answer."""
+
+    type: Literal["classifier"] = Field(description="`classifier`: a model's safe/unsafe verdict.")
+    base_url: str = Field(
+        description="OpenAI-compatible base URL, e.g. `http://127.0.0.1:8001/v1` (not this gateway itself: "
+        "the classifier's own prompt would be filtered again)."
+    )
+    model: str = Field(description="Model name sent to the endpoint.")
+    api_key_env: str | None = runtime_only(
+        default=None, description="Environment variable holding the endpoint's API key (none if unset)."
+    )
+    prompt: str = Field(
+        default=DEFAULT_CLASSIFIER_PROMPT,
+        description="User message sent to the classifier; `{text}` is the text judged, `{role}` `User` "
+        "(input) or `Agent` (output).",
+    )
+    unsafe_pattern: str = Field(
+        default=r"^\s*unsafe\b", description="Regex (case-insensitive) whose match in the reply means unsafe."
+    )
+    safe_pattern: str = Field(
+        default=r"^\s*safe\b",
+        description="Regex whose match means safe; a reply matching neither is a filter error (`on_error`).",
+    )
+    max_tokens: int = Field(default=16, gt=0, description="`max_tokens` of the verdict (greedy).")
+    action: Literal["block", "flag"] = Field(default="block", description="What an unsafe verdict does.")
+    timeout_s: float = Field(default=10.0, gt=0, description="Seconds one verdict may take before it fails.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifierFilter:
+        for key in ("unsafe_pattern", "safe_pattern"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as e:
+                raise ValueError(f"{key} is not a valid regex: {e}") from None
+        return self
+
+
+class CustomFilter(_FilterBase):
+    """A Python callable `module:function(text, ctx)` returning a decision (`llmforge.serve.safety.allow()`,
+    `redact(new_text)`, `block(reason)`, `flag(reason)`; `None` = allow), sync or async."""
+
+    type: Literal["custom"] = Field(description="`custom`: a Python callable `module:function`.")
+    callable: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="`module:function`, importable by the server; called as `function(text, ctx)` where ctx "
+        "has request_id, endpoint, model, user, direction and index.",
+    )
+
+
+FilterConfig = TypeAliasType(
+    "FilterConfig",
+    Annotated[BlocklistFilter | PIIFilter | ClassifierFilter | CustomFilter, Field(discriminator="type")],
+)
+
+_LEGACY = ("blocklist", "pii", "classifier_model", "custom")
+
 
 class SafetyConfig(Section):
-    blocklist: list[str] = Field(default_factory=list, description="Regexes that block a prompt or output.")
-    pii: Literal["off", "redact", "block"] = Field(
-        default="off", description="Apply the data stage's PII detectors."
+    """The gateway's safety filter chain (docs/safety.md)."""
+
+    filters: list[FilterConfig] = Field(
+        default_factory=list,
+        description="Ordered filter chain, each `{type: blocklist|pii|classifier|custom, ...}` with its "
+        "`action`, `direction`, `on_error`, `timeout_s` (keys in docs/safety.md).",
     )
-    classifier_model: str | None = Field(
-        default=None, description="Served model asked for a safe/unsafe verdict."
+    probe: str | None = Field(
+        default=None,
+        description="A prompt the deploy check (`llmforge run` stage serve) sends and the filters must block.",
     )
-    custom: list[str] = Field(default_factory=list, description="Extra filters as `module:function`.")
+    log_text: bool = runtime_only(
+        default=False,
+        description="Log the raw text a filter blocked or redacted (off: logs carry the filter, action and "
+        "kind only).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        """The first schema's flat keys (`blocklist`, `pii`, `custom`) become filters; `classifier_model` cannot
+        (it needs an endpoint) and is an error saying what to write instead."""
+        if not isinstance(data, dict) or not any(k in data for k in _LEGACY):
+            return data
+        data = dict(data)
+        if "classifier_model" in data:
+            model = data.pop("classifier_model")
+            if model is not None:
+                raise ValueError(
+                    "classifier_model was replaced by a classifier filter: filters: [{type: classifier, "
+                    f"base_url: 'http://HOST:PORT/v1', model: {model!r}}}]"
+                )
+        legacy: list[dict[str, Any]] = []
+        patterns = data.pop("blocklist", None) or []
+        if patterns:
+            legacy.append({"type": "blocklist", "patterns": list(patterns)})
+        pii = data.pop("pii", "off")
+        if pii not in ("off", None):
+            legacy.append({"type": "pii", "action": pii})
+        for c in data.pop("custom", None) or []:
+            legacy.append({"type": "custom", "callable": c})
+        data["filters"] = legacy + list(data.get("filters") or [])
+        return data
 
 
 class VLLMConfig(Section):
@@ -107,6 +303,14 @@ class ServeSection(StageSection):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weights dtype of the engine (auto = bf16 on CUDA, fp32 on CPU)."
+    )
+    quantized: Literal["dequantize", "packed"] = Field(
+        default="dequantize",
+        description="How the local engine holds a GPTQ model: `dequantize` turns each 4/8-bit projection back "
+        "into floats once at load (float memory and speed, any device); `packed` keeps the weights quantized "
+        "in memory (~bits/8 bytes per weight) and multiplies with torch's int4 CPU kernel where a layer "
+        "fits it (4-bit, group 32-256, no act-order), unpacking per call elsewhere. vLLM always runs its own "
+        "kernels.",
     )
     max_model_len: int | None = Field(
         default=None,

@@ -84,6 +84,8 @@ class ChatSession:
                         self.write(choice.delta.content)
                     if choice.finish_reason == "length":
                         self.write(" […]")
+                    elif choice.finish_reason == "content_filter":
+                        self.write(" [stopped by the safety filter]")
         except Exception as e:  # the server's error, shown; the turn is dropped so it can be retried
             self.history.pop()
             self.write(f"\n(error: {getattr(e, 'message', None) or e})\n")

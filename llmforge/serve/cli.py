@@ -63,6 +63,7 @@ def serve(
 
     require_serving("llmforge serve")
     from .gateway import create_app
+    from .safety import build_chain
     from .server import serve_forever
     from .settings import GatewaySettings, api_key_state
 
@@ -75,12 +76,15 @@ def serve(
     resolved, ctx = resolve_serve_model(loaded, model)
     name = cfg.served_model_name or loaded.manifest.project.name
     settings = GatewaySettings.from_section(cfg.model_copy(update={"served_model_name": name}))
+    chain = build_chain(cfg.safety)  # before the engine loads: a bad custom filter fails fast
     eng = build_engine(cfg, resolved.path, model_name=name)
-    app = create_app(eng, settings)
+    app = create_app(eng, settings, filters=chain)
     url = f"http://{cfg.host}:{cfg.port}/v1"
     typer.echo(f"llmforge serve: {resolved.describe(ctx)} as '{name}' with the {cfg.engine} engine")
     typer.echo(f"loading the model; listening on {url} (answers 503 until ready)")
     typer.echo(api_key_state(settings, cfg.api_key_env))
+    if chain.active:
+        typer.echo("safety filters: " + ", ".join(f"{f.name} ({f.direction})" for f in chain.filters))
 
     def ready() -> None:
         typer.echo(f"ready: {url}  (Ctrl-C or SIGTERM drains in-flight requests, then stops)")
@@ -171,6 +175,7 @@ def _local_server(manifest: Path, overrides, model: str | None):
 
     require_serving("llmforge chat (serving the project's model)")
     from .gateway import create_app
+    from .safety import build_chain
     from .server import BackgroundServer
     from .settings import GatewaySettings
 
@@ -179,9 +184,10 @@ def _local_server(manifest: Path, overrides, model: str | None):
     resolved, ctx = resolve_serve_model(loaded, model)
     name = cfg.served_model_name or loaded.manifest.project.name
     settings = GatewaySettings.from_section(cfg.model_copy(update={"served_model_name": name}))
+    chain = build_chain(cfg.safety)
     typer.echo(f"loading {resolved.describe(ctx)} ({cfg.engine} engine)…")
     srv = BackgroundServer(
-        create_app(build_engine(cfg, resolved.path, model_name=name), settings),
+        create_app(build_engine(cfg, resolved.path, model_name=name), settings, filters=chain),
         startup_timeout_s=cfg.startup_timeout_s,
     ).start()
     return srv, srv.url + "/v1", name, settings.api_key or "none"

@@ -40,6 +40,7 @@ def build_engine(section, model_dir: Path, *, model_name: str, adapter: Path | N
             max_queue=section.max_queue,
             max_model_len=section.max_model_len,
             model_name=model_name,
+            quantized=section.quantized,
         )
     from .vllm_engine import VLLMEngine
 

@@ -38,6 +38,7 @@ from .. import console
 from ..errors import LLMForgeError
 from ..infer import GenerationEvent, SamplingParams
 from . import protocol as P
+from .chat_page import PAGE_ROUTES, register_chat_page
 from .errors import APIError, invalid, to_api_error
 from .filters import ContentFiltered, FilterChain, FilterVerdict, OutputFilter, RequestContext
 from .metrics import GatewayMetrics, route_label
@@ -128,7 +129,7 @@ class _Guard:
 
     def _check(self, scope) -> APIError | None:
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope["path"] not in OPEN_ROUTES:
+        if self.key is not None and not _open(scope):
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             # compare_digest on equal-type bytes takes time independent of where they differ
@@ -163,6 +164,13 @@ class _Guard:
             return message
 
         return limited_receive
+
+
+def _open(scope) -> bool:
+    """Routes served without the key: ``/health``, and reading the chat page's files (they hold no data; the
+    page sends the key the user types on its own API calls)."""
+    path = scope["path"]
+    return path in OPEN_ROUTES or (path in PAGE_ROUTES and scope["method"] in ("GET", "HEAD"))
 
 
 def _too_large(limit: int) -> APIError:
@@ -249,6 +257,7 @@ def create_app(
         metrics=GatewayMetrics(engine),
         model_name=settings.served_model_name or engine.model_name,
     )
+    gw.filters.bind(gw.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -261,6 +270,8 @@ def create_app(
                 gw.start_task.cancel()
             with contextlib.suppress(Exception):
                 await engine.shutdown(timeout=settings.shutdown_timeout_s)
+            with contextlib.suppress(Exception):
+                await gw.filters.aclose()  # e.g. a classifier filter's HTTP client
 
     app = FastAPI(
         title="llmforge gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
@@ -322,6 +333,8 @@ def create_app(
                 404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
             )
         return _card(gw).model_dump()
+
+    register_chat_page(app)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -472,6 +485,16 @@ def _check_n(gw: GatewayState, n: int, n_prompts: int = 1) -> None:
         raise invalid(f"At most {MAX_PROMPTS} prompts per request (got {n_prompts}).", param="prompt")
 
 
+def _check_logprobs(gw: GatewayState, wanted: bool) -> None:
+    """Log-probs carry each raw token: with output filters they would show what a filter redacted or cut."""
+    if wanted and gw.filters.filters_output:
+        raise invalid(
+            "logprobs are not available on this server: its output safety filters would be bypassed by the raw "
+            "tokens they carry.",
+            param="logprobs",
+        )
+
+
 def _seeded(params: SamplingParams, i: int) -> SamplingParams:
     if params.seed is None or i == 0:
         return params
@@ -483,6 +506,7 @@ def _seeded(params: SamplingParams, i: int) -> SamplingParams:
 async def _prepare_chat(gw: GatewayState, body: P.ChatCompletionRequest) -> _Job:
     model = _check_model(gw, body.model)
     _check_n(gw, body.n)
+    _check_logprobs(gw, body.num_logprobs() is not None)
     rid = P.new_id("chatcmpl")
     ctx = RequestContext(request_id=rid, endpoint="chat", model=model, user=body.user)
     texts = await gw.filters.check_input(ctx, [m.text() for m in body.messages])
@@ -508,6 +532,7 @@ async def _prepare_completion(gw: GatewayState, body: P.CompletionRequest) -> _J
     model = _check_model(gw, body.model)
     prompts = body.prompts()
     _check_n(gw, body.n, len(prompts))
+    _check_logprobs(gw, body.logprobs is not None)
     if body.echo and body.logprobs is not None:
         raise invalid("echo with logprobs (prompt log-probs) is not supported by this server.", param="echo")
     rid = P.new_id("cmpl")
@@ -577,6 +602,7 @@ async def _choice_stream(gw: GatewayState, job: _Job, g: _Generation) -> AsyncIt
     m = gw.metrics
     last: float | None = None
     done = False
+    cut = False  # an output filter ended the choice while the engine was still generating
     try:
         async for ev in stream:
             ev: GenerationEvent
@@ -593,6 +619,7 @@ async def _choice_stream(gw: GatewayState, job: _Job, g: _Generation) -> AsyncIt
             finish = None
             if verdict.blocked:
                 finish = "content_filter"
+                cut = ev.finish_reason is None
             elif ev.finish_reason is not None:
                 if ev.finish_reason not in _FINISH:
                     raise APIError(
@@ -616,7 +643,7 @@ async def _choice_stream(gw: GatewayState, job: _Job, g: _Generation) -> AsyncIt
             )
     finally:
         gw.inflight.discard(rid)
-        if not done:
+        if not done or cut:
             engine.cancel(rid)
         await stream.aclose()
 

@@ -6,13 +6,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .chat_page import PAGE_ROUTES
+
 # latency buckets (seconds): sub-millisecond decode steps on tiny models up to minutes-long queues
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 # the only route labels: anything else is "other", so a fuzzer cannot grow the label set without bound
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", *PAGE_ROUTES)
 
 
 def route_label(path: str) -> str:
@@ -57,6 +59,19 @@ class GatewayMetrics:
         )
         self.finished = Counter(
             "llmforge_finished_sequences", "Sequences finished, by finish reason.", ["reason"], registry=r
+        )
+        self.filter_decisions = Counter(
+            "llmforge_filter_decisions",
+            "Safety filter decisions other than allow, by filter, direction (input/output) and action "
+            "(block/redact/flag); an output counts once per choice.",
+            ["filter", "direction", "action"],
+            registry=r,
+        )
+        self.filter_failures = Counter(
+            "llmforge_filter_failures",
+            "Safety filter checks that raised or timed out, by filter, direction and reason (error/timeout).",
+            ["filter", "direction", "reason"],
+            registry=r,
         )
         self.in_flight = Gauge(
             "llmforge_in_flight_requests", "HTTP generation requests in progress.", registry=r

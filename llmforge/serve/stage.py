@@ -2,7 +2,8 @@
 
 It serves the resolved model exactly as `llmforge serve` would (same engine, same gateway, same limits), on a
 free loopback port, sends the manifest's smoke conversation through the official `openai` client (streaming,
-greedy), records each answer with its time to first token and decode speed, and stops. The report is
+greedy), records each answer with its time to first token and decode speed, sends ``serve.safety.probe``
+(when set) which the configured filters must block, and stops. The report is
 ``runs/serve/deploy.json``; the figures also go to the stage's metrics and so to ``lineage.json``. A model that
 cannot be served (a broken checkpoint, a template that does not render, an engine that does not start) fails
 the pipeline here, not in production.
@@ -70,12 +71,30 @@ def smoke_conversation(
     return out
 
 
+def safety_probe(base_url: str, model: str, probe: str, api_key: str | None) -> dict[str, Any]:
+    """Send ``probe`` (greedy, a few tokens): blocked means a 400 ``content_filter`` (an input filter) or an
+    answer ending with ``finish_reason: content_filter`` (an output filter)."""
+    openai = require("openai", extra="serve", purpose="The serve deploy check")
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": probe}]
+    try:
+        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    except openai.BadRequestError as e:
+        code = (e.body or {}).get("code") if isinstance(e.body, dict) else None
+        if code == "content_filter":
+            return {"blocked": True, "where": "input", "message": str((e.body or {}).get("message", ""))}
+        raise
+    finish = resp.choices[0].finish_reason if resp.choices else None
+    return {"blocked": finish == "content_filter", "where": "output" if finish == "content_filter" else None}
+
+
 def run_serve(ctx: StageContext) -> StageResult:
     from ..train.recipe import resolve_model
     from .engines import build_engine, require_serving
 
     require_serving("The serve deploy check", client=True)
     from .gateway import create_app
+    from .safety import build_chain
     from .server import BackgroundServer
     from .settings import GatewaySettings
 
@@ -83,8 +102,9 @@ def run_serve(ctx: StageContext) -> StageResult:
     resolved = resolve_model(ctx, cfg.model, "serve.model")
     name = cfg.served_model_name or ctx.manifest.project.name
     settings = GatewaySettings.from_section(cfg.model_copy(update={"served_model_name": name}))
+    chain = build_chain(cfg.safety)
     engine = build_engine(cfg, resolved.path, model_name=name)
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, filters=chain)
     log.info("deploy check: serving %s with the %s engine", resolved.describe(ctx), cfg.engine)
     t0 = time.perf_counter()
     srv = BackgroundServer(
@@ -96,12 +116,20 @@ def run_serve(ctx: StageContext) -> StageResult:
         raise StageError(f"serve: the deploy check could not start the {cfg.engine} engine on "
                          f"{resolved.path}: {e}") from None  # fmt: skip
     startup_s = time.perf_counter() - t0
+    probe = None
     try:
         turns = smoke_conversation(srv.url, name, list(cfg.smoke), cfg.smoke_max_tokens, settings.api_key)
+        if cfg.safety.probe:
+            probe = safety_probe(srv.url, name, cfg.safety.probe, settings.api_key)
     except Exception as e:  # the official client's errors: a deploy check that fails says why
         raise StageError(f"serve: the smoke conversation failed against {srv.url}: {e}") from None
     finally:
         srv.stop()
+    if probe is not None and not probe["blocked"]:
+        raise StageError(
+            f"serve: the safety probe {cfg.safety.probe!r} was not blocked by the filters "
+            f"({', '.join(f.name for f in chain.filters) or 'none configured'}); fix serve.safety.filters"
+        )
     if any(not t["completion_tokens"] for t in turns):
         raise StageError("serve: the model answered a smoke turn with no tokens at all; check the checkpoint")
     ttfts = [t["ttft_s"] for t in turns]
@@ -115,6 +143,12 @@ def run_serve(ctx: StageContext) -> StageResult:
         "ttft_s_mean": round(sum(ttfts) / len(ttfts), 4) if ttfts else None,
         "tokens_per_s_mean": round(sum(speeds) / len(speeds), 2) if speeds else None,
         "turns": turns,
+        "safety": {
+            "filters": [f"{f.name} ({f.direction})" for f in chain.filters],
+            "probe": cfg.safety.probe,
+            "probe_blocked": probe["blocked"] if probe else None,
+            "probe_blocked_at": probe["where"] if probe else None,
+        },
     }
     path = ctx.out_dir / REPORT
     atomic.write_json(path, report)
@@ -125,6 +159,8 @@ def run_serve(ctx: StageContext) -> StageResult:
         "ttft_s": report["ttft_s_mean"],
         "tokens_per_s": report["tokens_per_s_mean"],
         "answers": [t["answer"] for t in turns],
+        "safety_filters": len(chain.filters),
+        "safety_probe_blocked": probe["blocked"] if probe else None,
     }
     summary = [
         ("model", resolved.describe(ctx)),
@@ -132,6 +168,10 @@ def run_serve(ctx: StageContext) -> StageResult:
         ("startup", f"{startup_s:.1f} s"),
         ("time to first token", f"{report['ttft_s_mean']:.3f} s"),
         ("decode", f"{report['tokens_per_s_mean'] or 0:.1f} tokens/s"),
+        (
+            "safety probe",
+            f"blocked ({probe['where']} filter)" if probe else ("no probe" if chain.active else "no filters"),
+        ),
         (
             "first answer",
             (turns[0]["answer"][:60] + "…") if len(turns[0]["answer"]) > 60 else turns[0]["answer"],
