@@ -105,6 +105,11 @@ def _hash_external(p: Path, hashes: HashCache) -> str:
     return hashes.path(p, skip_hidden=True)[0]
 
 
+def _crawl_inputs(lm: LoadedManifest) -> list[Path]:
+    site = lm.manifest.crawl.local_site  # an edited local site re-runs the crawl (and what reads it)
+    return [lm.resolve(site)] if site else []
+
+
 def _data_inputs(lm: LoadedManifest) -> list[Path]:
     return [lm.resolve(i.path) for i in lm.manifest.data.inputs]
 
@@ -164,6 +169,7 @@ STAGES: tuple[StageSpec, ...] = (
         (),
         "llmforge.data.crawl:run_crawl",
         "crawl seed URLs politely into WARC files",
+        external_inputs=_crawl_inputs,
         command="llmforge data crawl",
         key_metrics=("pages_stored", "requests", "pages_per_s"),
     ),

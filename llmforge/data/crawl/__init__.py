@@ -9,8 +9,12 @@ Layout of ``runs/crawl/``:
   outcome (stored/redirect/skipped/failed/retry/ok), reason, attempt, kind (page/robots), depth;
 * ``crawl_state.sqlite`` — frontier, seen set and per-URL outcomes; re-running resumes from it.
 
+With ``crawl.local_site`` the crawl runs against a folder of the project served on loopback for the run, under
+the fixed address ``http://site.localhost/`` (``local_site``): no internet, same URLs and WARC bytes every run.
+
 Modules: ``urls`` (normalisation, scope, links, charsets), ``robots`` (robots.txt), ``state`` (SQLite +
-fetch log), ``warc`` (rotating WARC writer), ``engine`` (scheduler and fetching). This module stays light:
+fetch log), ``warc`` (rotating WARC writer), ``local_site`` (a project folder served on loopback), ``engine``
+(scheduler and fetching). This module stays light:
 httpx and warcio load only when a crawl runs.
 """
 
@@ -35,7 +39,7 @@ def run_crawl(ctx: StageContext) -> StageResult:
 
         console.get_logger(__name__).info("crawl: forced, starting a fresh crawl in %s", ctx.out_dir)
         remove_state(ctx.out_dir, [STATE_DB, FETCH_LOG, WARC_DIR, PARTIAL_DIR])
-    report = crawl(cfg, ctx.out_dir)
+    report = crawl(cfg, ctx.out_dir, ctx.resolve(cfg.local_site) if cfg.local_site else None)
     m = report.metrics()
 
     def by_reason(d: dict[str, int]) -> str:
@@ -51,6 +55,10 @@ def run_crawl(ctx: StageContext) -> StageResult:
         ("errors", by_reason(m["errors_by_reason"])),
         ("WARC files", f"{len(report.warc_files)} in {report.warc_dir}"),
     ]
+    if cfg.local_site:
+        from .local_site import LOCAL_BASE
+
+        summary.insert(0, ("local site", f"{cfg.local_site}/ served on loopback as {LOCAL_BASE}/"))
     if report.seeds_failed:
         summary.append(("seeds failed", "; ".join(f"{u} ({reason_text(r)})" for u, r in report.seeds_failed)))
     if not cfg.enabled:

@@ -37,6 +37,7 @@ import httpx
 from ... import console
 from ...errors import DataError, UserInputError
 from ...manifest.crawl import CrawlSection
+from . import local_site as site
 from .robots import MAX_ROBOTS_BYTES, RobotsRules
 from .state import CrawlState, FetchLog, Item, remove_state
 from .urls import (
@@ -97,6 +98,7 @@ class _Slot:
     """Politeness for one host name: requests in flight and the earliest time of the next request."""
 
     delay: float
+    limit: int  # requests in flight allowed (crawl.per_host_concurrency; 1 for crawl.local_site)
     active: int = 0
     next_time: float = 0.0
 
@@ -230,9 +232,13 @@ def _headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
 
 
-def scope_key(cfg: CrawlSection, seeds: list[str]) -> str:
-    """Hash of the settings that decide *which* URLs a crawl contains; a change means a fresh crawl."""
-    parts = {
+def scope_key(cfg: CrawlSection, seeds: list[str], site_digest: str | None = None) -> str:
+    """Hash of the settings that decide *which* URLs a crawl contains; a change means a fresh crawl.
+
+    ``site_digest`` (the content of ``crawl.local_site``) joins it when set: an edited local site is crawled
+    afresh, not resumed with its old pages.
+    """
+    parts: dict[str, Any] = {
         "seeds": sorted(seeds),
         "allowed_domains": sorted(cfg.allowed_domains),
         "include": cfg.include_patterns,
@@ -242,17 +248,25 @@ def scope_key(cfg: CrawlSection, seeds: list[str]) -> str:
         "respect_robots": cfg.respect_robots,
         "sort_query": cfg.sort_query,
     }
+    if site_digest is not None:
+        parts["local_site"] = site_digest
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Crawler:
     """Runs one crawl (or resumes it) into ``out_dir``. Use ``crawl()`` rather than this class directly."""
 
-    def __init__(self, cfg: CrawlSection, out_dir: Path):
+    def __init__(self, cfg: CrawlSection, out_dir: Path, local_site: Path | None = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.seeds = self._normalize_seeds(cfg)
-        self.scope = UrlScope(self.seeds, cfg.allowed_domains, cfg.include_patterns, cfg.exclude_patterns)
+        if local_site is None and cfg.local_site:
+            local_site = Path(cfg.local_site)
+        self.site_dir = site.check_site_dir(local_site) if local_site is not None else None
+        self.seeds = self._normalize_seeds(cfg, local=self.site_dir is not None)
+        domains = list(cfg.allowed_domains)
+        if self.site_dir is not None and domains:
+            domains.append(site.LOCAL_HOST)  # the local site is always in scope
+        self.scope = UrlScope(self.seeds, domains, cfg.include_patterns, cfg.exclude_patterns)
         self._origins: dict[str, _Origin] = {}
         self._slots: dict[str, _Slot] = {}
         self._pending: dict[str, _Origin] = {}  # origins with queued items, in arrival order
@@ -269,9 +283,12 @@ class Crawler:
         self._client: httpx.AsyncClient | None = None
 
     @staticmethod
-    def _normalize_seeds(cfg: CrawlSection) -> list[str]:
+    def _normalize_seeds(cfg: CrawlSection, local: bool = False) -> list[str]:
         seeds: list[str] = []
-        for i, s in enumerate(cfg.seeds):
+        given = cfg.seeds or (["/"] if local else [])
+        for i, s in enumerate(given):
+            if local and not s.startswith(("http://", "https://")):
+                s = site.site_url(s)  # a path inside crawl.local_site
             url = normalize_url(s, sort_query=cfg.sort_query)
             if url is None:
                 raise UserInputError(f"crawl.seeds[{i}]: {s!r} is not a crawlable http(s) URL")
@@ -283,15 +300,16 @@ class Crawler:
     # -- setup / resume ----------------------------------------------------------------------------------
     def _open_state(self) -> tuple[CrawlState, bool]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        key = scope_key(self.cfg, self.seeds)
+        digest = site.site_digest(self.site_dir) if self.site_dir is not None else None
+        key = scope_key(self.cfg, self.seeds, digest)
         state = CrawlState(self.out_dir / STATE_DB)
         saved = state.get_meta("scope")
         if saved == key:
             return state, True
         if saved is not None:
             log.warning(
-                "crawl: seeds/domains/patterns/depth/user agent changed since the last crawl in %s; "
-                "starting a fresh crawl (the old WARC files are replaced)",
+                "crawl: seeds/domains/patterns/depth/user agent (or the local site's files) changed since the "
+                "last crawl in %s; starting a fresh crawl (the old WARC files are replaced)",
                 self.out_dir,
             )
         state.close()
@@ -308,7 +326,9 @@ class Crawler:
             host = host_of(url)
             slot = self._slots.get(host)
             if slot is None:
-                slot = self._slots[host] = _Slot(delay=self.cfg.per_host_delay_s)
+                local = self.site_dir is not None and host == site.LOCAL_HOST
+                limit = site.LOCAL_CONCURRENCY if local else self.cfg.per_host_concurrency
+                slot = self._slots[host] = _Slot(delay=self.cfg.per_host_delay_s, limit=limit)
             o = self._origins[key] = _Origin(key, slot)
             if not self.cfg.respect_robots:
                 o.robots = RobotsRules.allow_all()
@@ -336,6 +356,8 @@ class Crawler:
                 self.cfg.warc_max_bytes,
                 self.cfg.user_agent,
                 max_records=self.cfg.warc_max_records,
+                reproducible=self.site_dir is not None,
+                info_date=site.SITE_DATE if self.site_dir is not None else None,
             )
             lost = self.sink.recover(state.get_meta("warc_open"), state.get_meta("warc_offset", 0))
             for name in lost:
@@ -355,7 +377,17 @@ class Crawler:
                     len(pending),
                 )
             self._enqueue(pending)
-            await self._crawl()
+            if self.site_dir is None:
+                await self._crawl()
+            else:
+                with site.LocalSite(self.site_dir) as served:
+                    log.info(
+                        "crawl: serving %s as %s/ on 127.0.0.1:%d",
+                        self.site_dir,
+                        site.LOCAL_BASE,
+                        served.port,
+                    )
+                    await self._crawl({f"all://{site.LOCAL_HOST}": served.transport()})
             closed = self.sink.close_current()
             if closed is not None:
                 state.set_meta(warc_open=None, warc_offset=0)
@@ -366,7 +398,7 @@ class Crawler:
             self.fetch_log.close()
             state.close()
 
-    async def _crawl(self) -> None:
+    async def _crawl(self, mounts: dict[str, httpx.AsyncBaseTransport] | None = None) -> None:
         cfg = self.cfg
         limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
         headers = {
@@ -380,6 +412,7 @@ class Crawler:
             timeout=httpx.Timeout(cfg.timeout_s),
             limits=limits,
             headers=headers,
+            mounts=mounts,  # crawl.local_site: its host goes to the loopback server
         ) as client:
             self._client = client
             with console.progress("crawl", total=cfg.max_pages, unit="pages") as bar:
@@ -421,7 +454,7 @@ class Crawler:
         now = time.monotonic()
         best: float | None = None
         for o in self._pending.values():
-            if o.slot.active >= self.cfg.per_host_concurrency or o.robots_loading:
+            if o.slot.active >= o.slot.limit or o.robots_loading:
                 continue
             wait = max(o.slot.next_time - now, 0.001)
             best = wait if best is None else min(best, wait)
@@ -439,7 +472,7 @@ class Crawler:
             while o.queue:
                 if len(self._tasks) >= cfg.concurrency:
                     return
-                slot_free = o.slot.active < cfg.per_host_concurrency and o.slot.next_time <= now
+                slot_free = o.slot.active < o.slot.limit and o.slot.next_time <= now
                 if o.robots is None and o.failed is None:
                     if not o.robots_loading and slot_free:
                         o.robots_loading = True
@@ -459,7 +492,7 @@ class Crawler:
                 self._pages_in_flight += 1
                 self._launch(o, self._fetch(o, item))
                 now = time.monotonic()
-                slot_free = o.slot.active < cfg.per_host_concurrency and o.slot.next_time <= now
+                slot_free = o.slot.active < o.slot.limit and o.slot.next_time <= now
             if not o.queue:
                 self._pending.pop(key, None)
 
@@ -752,7 +785,10 @@ class Crawler:
             response_headers=a.response_headers,
             body=a.body,
             payload_type=mtype,
-            fetched_at=a.fetched_at,
+            # A local site's pages get a fixed capture time, so its WARC files are reproducible byte for byte.
+            fetched_at=site.SITE_DATE
+            if self.site_dir is not None and site.is_local(item.url)
+            else a.fetched_at,
         )
 
     def _finish(
@@ -838,9 +874,11 @@ class Crawler:
         return f"the crawl stored no pages; outcomes: {summary or 'nothing was fetched'}; {where}"
 
 
-def crawl(cfg: CrawlSection, out_dir: str | Path) -> CrawlReport:
+def crawl(cfg: CrawlSection, out_dir: str | Path, local_site: str | Path | None = None) -> CrawlReport:
     """Crawl ``cfg.seeds`` into ``out_dir`` (``warc/``, ``fetches.jsonl``, state), resuming if it can.
 
+    ``local_site`` is the folder of ``cfg.local_site`` resolved by the caller (the stage resolves it against the
+    project); by default ``cfg.local_site`` is taken relative to the working directory.
     Raises ``DataError`` when the crawl ends with zero stored pages, saying why.
     """
-    return Crawler(cfg, Path(out_dir)).run()
+    return Crawler(cfg, Path(out_dir), Path(local_site) if local_site is not None else None).run()

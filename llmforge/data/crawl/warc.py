@@ -12,13 +12,19 @@ Payloads are stored decoded (identity), the way Common Crawl does: httpx undoes 
 chunked transfer coding, so the original ``Content-Encoding`` / ``Transfer-Encoding`` / ``Content-Length``
 headers are kept under ``X-Crawler-…`` names and a ``Content-Length`` of the stored bytes is written. The
 payload bytes themselves are exactly what the server sent (no charset decoding).
+
+``reproducible=True`` (crawls of ``crawl.local_site``) makes the bytes a function of the content: record IDs are
+name-based UUIDs of what the record holds instead of random ones, and the ``warcinfo`` record carries a fixed
+date (``local_site.SITE_DATE``; page records carry the capture time the engine passes, fixed for local pages).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +45,15 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Namespace of llmforge's name-based WARC record IDs (uuid5 of the namespace URL below).
+_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/llmforge/llmforge/warc-record")
+
+
+def content_record_id(*parts: str) -> str:
+    """``<urn:uuid:…>`` named by ``parts`` (record type, URL, date, payload digest): the same record, the same ID."""
+    return f"<urn:uuid:{uuid.uuid5(_ID_NAMESPACE, chr(0).join(parts))}>"
+
+
 class WarcSink:
     """Appends request/response pairs; ``write`` returns (file name, committed length after the pair)."""
 
@@ -49,6 +64,9 @@ class WarcSink:
         max_bytes: int,
         user_agent: str,
         max_records: int | None = None,
+        *,
+        reproducible: bool = False,
+        info_date: float | None = None,
     ):
         from warcio.warcwriter import WARCWriter  # heavy-ish import, only when crawling
 
@@ -59,6 +77,8 @@ class WarcSink:
         self.max_records = max_records
         self.records = 0  # stored pages (response records) in the open file; the engine sets it on resume
         self.user_agent = user_agent
+        self.reproducible = reproducible
+        self.info_date = info_date  # fixed warcinfo date for reproducible files (None: now)
         warc_dir.mkdir(parents=True, exist_ok=True)
         partial_dir.mkdir(parents=True, exist_ok=True)
         self._f: io.BufferedWriter | None = None
@@ -131,7 +151,12 @@ class WarcSink:
                 "format": "WARC File Format 1.1",
                 "http-header-user-agent": self.user_agent,
             }
-            self._writer.write_record(self._writer.create_warcinfo_record(name, info))
+            record = self._writer.create_warcinfo_record(name, info)
+            if self.reproducible:
+                record.rec_headers.replace_header("WARC-Record-ID", content_record_id("warcinfo", name))
+                if self.info_date is not None:
+                    record.rec_headers.replace_header("WARC-Date", _iso(self.info_date))
+            self._writer.write_record(record)
 
     def close_current(self) -> str | None:
         """Finish the open file: fsync and move it into ``warc/``. Returns its name."""
@@ -181,18 +206,24 @@ class WarcSink:
         headers = [(f"X-Crawler-{k}" if k.lower() in _RENAMED_HEADERS else k, v) for k, v in response_headers]
         headers.append(("Content-Length", str(len(body))))
         date = _iso(fetched_at)
+        resp_headers: dict[str, str] = {"WARC-Date": date, "WARC-Identified-Payload-Type": payload_type}
+        req_headers: dict[str, str] = {"WARC-Date": date}
+        if self.reproducible:
+            digest = hashlib.sha256(body).hexdigest()
+            resp_headers["WARC-Record-ID"] = content_record_id("response", url, date, digest)
+            req_headers["WARC-Record-ID"] = content_record_id("request", url, date, digest)
         resp = writer.create_warc_record(
             url,
             "response",
             payload=io.BytesIO(body),
             length=len(body),
-            warc_headers_dict={"WARC-Date": date, "WARC-Identified-Payload-Type": payload_type},
+            warc_headers_dict=resp_headers,
             http_headers=StatusAndHeaders(f"{status} {reason}".strip(), headers, protocol=http_version),
         )
         req = writer.create_warc_record(
             url,
             "request",
-            warc_headers_dict={"WARC-Date": date},
+            warc_headers_dict=req_headers,
             http_headers=StatusAndHeaders(request_line, request_headers, is_http_request=True),
         )
         writer.write_request_response_pair(req, resp)
