@@ -52,6 +52,12 @@ class QuantizeSection(StageSection):
         "corpus as the tokenizer stage split it; perplexity is measured on the disjoint val split), `sft` = "
         "the SFT stage's conversations (`sft.data`) rendered with the model's chat template.",
     )
+    eval_on: Literal["auto", "data", "sft"] = Field(
+        default="auto",
+        description="Held-out text the perplexities are measured on: `data` = the token shards' val split, "
+        "`sft` = conversations of `sft.data` not used for calibration, rendered with the chat template; "
+        "`auto` = the calibration source (a chat model is scored on conversations, not on web text).",
+    )
     calibration_samples: int = Field(
         default=128, ge=1, description="Calibration sequences; the source must hold at least this many."
     )

@@ -212,8 +212,9 @@ class LlamaConfig:
         if d.get("quantization_config"):
             method = d["quantization_config"].get("quant_method", "?")
             raise ModelError(
-                f"{where}: this is a quantized ({method}) checkpoint; load the full-precision model instead "
-                "(quantized models are served through the quantize/serve stages)"
+                f"{where}: this is a quantized ({method}) checkpoint; train from the full-precision model "
+                "instead. To run a GPTQ model: `llmforge serve` / the serve stage, or in Python "
+                "llmforge.quantize.load.load_model(directory)"
             )
         try:
             return cls._from_hf_dict(d, model_type, where)

@@ -9,6 +9,11 @@
   will answer in), cut to ``calibration_seq_len``.
 
 Both return plain token-id lists plus a description (source, counts, a hash of the ids) for lineage.
+
+Held-out evaluation follows the same source by default (``quantize.eval_on: auto``): the val split of the
+shards (``eval_windows``), or, for ``sft``, conversations from the *other end* of the same seeded shuffle that
+calibration draws from (``sft_eval_windows``), so the two never share a conversation and a chat model is
+scored on the text it answers, not on web pages it was fine-tuned away from.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def from_sft(
             f"{tokenizer_dir}: the model has no chat template; calibration: sft renders conversations with it"
         )
     convs = [conv for _where, conv in read_conversations(paths)]
-    order = np.random.default_rng(seed).permutation(len(convs))
+    order = np.random.default_rng(seed).permutation(len(convs))  # sft_eval_windows reads it from the end
     seqs: list[list[int]] = []
     for i in order:
         ids, _mask = tok.encode_chat(convs[int(i)])
@@ -130,3 +135,51 @@ def eval_windows(shards: Path, max_tokens: int, seq_len: int) -> list[np.ndarray
             "tokenizer stage's val_fraction"
         )
     return [split.read(s, seq_len + 1).astype(np.int64) for s in range(0, n - seq_len, seq_len)]
+
+
+def sft_eval_windows(
+    paths: list[Path], tokenizer_dir: Path, max_tokens: int, seq_len: int, seed: int, reserved: int
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]]:
+    """(windows, masks, info): consecutive ``seq_len + 1``-token windows of rendered conversations taken from the
+    end of the seeded shuffle ``from_sft`` draws calibration from (its first ``reserved`` conversations are never
+    used here), and per window which targets are the assistant's (what a chat model is scored on)."""
+    from ..tokenizer.info import load_tokenizer
+    from ..train.sft_data import read_conversations
+
+    if not paths:
+        raise StageInputError(
+            "quantize.eval_on: sft needs conversations; set sft.data (JSONL/Parquet of `messages`) or use "
+            "eval_on: data"
+        )
+    tok = load_tokenizer(tokenizer_dir)
+    convs = [conv for _where, conv in read_conversations(paths)]
+    order = np.random.default_rng(seed).permutation(len(convs))
+    stream: list[int] = []
+    mask: list[int] = []
+    used = 0
+    for i in order[::-1][: max(len(convs) - reserved, 0)]:
+        ids, m = tok.encode_chat(convs[int(i)])
+        stream.extend(ids)
+        mask.extend(m)
+        used += 1
+        if sum(mask) > max_tokens and len(stream) > seq_len:
+            break
+    n = len(stream)
+    seq_len = min(seq_len, n - 1)
+    if seq_len < 2 or not any(mask):
+        raise StageInputError(
+            f"quantize.eval_on: sft: {', '.join(map(str, paths))} hold no conversations beyond the "
+            f"{reserved} used for calibration; add conversations, lower quantize.calibration_samples, or use "
+            "eval_on: data"
+        )
+    ids_arr, mask_arr = np.asarray(stream, dtype=np.int64), np.asarray(mask, dtype=bool)
+    starts = range(0, n - seq_len, seq_len)
+    windows = [ids_arr[s : s + seq_len + 1] for s in starts]
+    masks = [mask_arr[s + 1 : s + seq_len + 1] for s in starts]
+    info = {
+        "source": "sft",
+        "conversations": used,
+        "scored": "assistant tokens",
+        "tokens": int(sum(int(m.sum()) for m in masks)),
+    }
+    return windows, masks, info

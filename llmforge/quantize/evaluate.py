@@ -16,10 +16,14 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 @torch.no_grad()
-def perplexity(model, windows: list[np.ndarray], max_logits: int = 2**25) -> float:
+def perplexity(
+    model, windows: list[np.ndarray], max_logits: int = 2**25, masks: list[np.ndarray] | None = None
+) -> float:
     """``exp`` of the mean next-token cross-entropy over every target token of ``windows``.
 
-    Windows are batched so one batch's logits hold at most ``max_logits`` floats (128 MiB in float32).
+    masks: per window, which targets (``window[1:]``) count — e.g. only the assistant's tokens of rendered
+    conversations; default every target. Windows are batched so one batch's logits hold at most
+    ``max_logits`` floats (128 MiB in float32).
     """
     total, count = 0.0, 0
     device = next(model.parameters()).device
@@ -29,12 +33,18 @@ def perplexity(model, windows: list[np.ndarray], max_logits: int = 2**25) -> flo
         chunk = windows[i : i + batch_size]
         width = min(len(w) for w in chunk)
         batch = torch.as_tensor(np.stack([w[:width] for w in chunk]), device=device)
+        targets = batch[:, 1:].clone()
+        if masks is not None:
+            keep = torch.as_tensor(
+                np.stack([m[: width - 1] for m in masks[i : i + batch_size]]), device=device
+            )
+            targets[~keep] = -100
         logits = model(batch[:, :-1]).float()
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum", ignore_index=-100
         )
         total += float(loss)
-        count += batch[:, 1:].numel()
+        count += int((targets != -100).sum())
     return math.exp(total / max(count, 1))
 
 

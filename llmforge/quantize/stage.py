@@ -87,7 +87,20 @@ def run_quantize(ctx: StageContext) -> StageResult:
     if ctx.has_input("tokenizer", "tokenizer"):
         check_same_tokenizer(src, ctx.input("tokenizer", "tokenizer"), "quantize.from")
     shards = ctx.input("tokenizer", "shards")
-    windows = calib_mod.eval_windows(shards, cfg.eval_tokens, min(max_pos or EVAL_SEQ_LEN, EVAL_SEQ_LEN))
+    eval_seq = min(max_pos or EVAL_SEQ_LEN, EVAL_SEQ_LEN)
+    eval_on = cfg.calibration if cfg.eval_on == "auto" else cfg.eval_on
+    if eval_on == "sft":
+        windows, eval_masks, eval_source = calib_mod.sft_eval_windows(
+            [ctx.resolve(p) for p in ctx.manifest.sft.data],
+            src,
+            cfg.eval_tokens,
+            eval_seq,
+            cfg.seed,
+            reserved=cfg.calibration_samples if cfg.calibration == "sft" and cfg.method == "gptq" else 0,
+        )
+    else:
+        windows, eval_masks = calib_mod.eval_windows(shards, cfg.eval_tokens, eval_seq), None
+        eval_source = {"source": "data", "split": "val", "tokens": int(sum(len(w) - 1 for w in windows))}
     if cfg.method == "gptq":
         if cfg.calibration == "data":
             calib = calib_mod.from_shards(shards, cfg.calibration_samples, cfg.calibration_seq_len, cfg.seed)
@@ -123,7 +136,7 @@ def run_quantize(ctx: StageContext) -> StageResult:
         def score(load) -> float:
             model = load()
             try:
-                return perplexity(model, windows)
+                return perplexity(model, windows, masks=eval_masks)
             finally:
                 del model
 
@@ -162,9 +175,8 @@ def run_quantize(ctx: StageContext) -> StageResult:
             "spec": spec.to_dict(),
             "calibration": calib.info,
             "eval": {
-                "split": "val",
+                **eval_source,
                 "windows": len(windows),
-                "tokens": int(sum(len(w) - 1 for w in windows)),
             },
             "perplexity": {k: round(v, 6) for k, v in ppl.items()},
             "ppl_increase": round(increase, 6),

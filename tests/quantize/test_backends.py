@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from llmforge.errors import StageInputError
-from llmforge.quantize.calibration import from_sft, from_shards
-from llmforge.quantize.load import load_gptq
+from llmforge.quantize.calibration import from_sft, from_shards, sft_eval_windows
+from llmforge.quantize.evaluate import perplexity
+from llmforge.quantize.load import load_gptq, load_model
 from llmforge.quantize.spec import QuantSpec
 from tests.train.helpers import make_shards
 
@@ -86,6 +87,29 @@ def test_sft_calibration_uses_the_chat_template(tmp_path, tiny_model):
     assert cal.info["source"] == "sft" and cal.info["samples"] == 8
     with pytest.raises(StageInputError, match="calibration_samples: 50 conversations asked"):
         from_sft([data], model, samples=50, seq_len=16, seed=0, min_tokens=2)
+
+    # held-out conversations come from the other end of the same shuffle: none of them calibrated the model
+    windows, masks, info = sft_eval_windows([data], model, max_tokens=10_000, seq_len=16, seed=0, reserved=8)
+    order = np.random.default_rng(0).permutation(len(rows))
+    calibrated, held_out = set(order[:8].tolist()), order[::-1][:12].tolist()
+    assert not calibrated & set(held_out) and info["conversations"] == 12
+    stream = [t for w in windows for t in w[:-1].tolist()] + windows[-1][-1:].tolist()
+    rendered = [tok.encode_chat(rows[i]["messages"]) for i in held_out]
+    expected = [t for ids, _ in rendered for t in ids]
+    expected_mask = [bool(x) for _, m in rendered for x in m]
+    assert all(len(w) == 17 for w in windows) and stream == expected[: len(stream)]
+    assert len(expected) - len(stream) < 16  # only the tail that does not fill a window is left out
+    # the masks mark the targets (window[1:]) that are the assistant's tokens
+    got_mask = [bool(x) for m in masks for x in m]
+    assert got_mask == expected_mask[1 : 1 + len(got_mask)] and 0 < sum(got_mask) < len(got_mask)
+    assert info["tokens"] == sum(got_mask)
+    m = load_model(model)
+    full = perplexity(m, windows)
+    assert perplexity(m, windows, masks=[np.ones(16, bool)] * len(windows)) == pytest.approx(full, rel=1e-6)
+    only = perplexity(m, windows, masks=masks)
+    assert only != pytest.approx(full, rel=1e-3)
+    with pytest.raises(StageInputError, match="beyond the 20 used for calibration"):
+        sft_eval_windows([data], model, max_tokens=10_000, seq_len=16, seed=0, reserved=20)
 
 
 def test_data_calibration_windows_are_disjoint_train_tokens(tmp_path):
