@@ -346,10 +346,12 @@ def run(ctx: StageContext, policy, *, pairs_file: Path | None = None) -> StageRe
         _held_out_scores(ctx, model, tokenizer, prompts, dcfg.max_new_tokens) if env.is_main else ([], None)
     )
 
+    from ..train.recipe import base_identity
+
     rc = {
         "align": cfg.semantic_dump(),
         "seed": project.seed,
-        "base": {"path": str(policy.path), "config": config.to_dict()},
+        "base": {**base_identity(ctx, policy.path), "config": config.to_dict()},
         "data": {"pairs": stats.to_dict(), "files": [str(f) for f in files]},
     }
     resume: str | Path = cfg.resume

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,28 @@ class PromptOrder:
 
 
 @dataclass
+class RolloutTally:
+    """Running totals of a run's rollouts, checkpointed (``stateful``) so a resumed run reports the whole run."""
+
+    completions: int = 0
+    rollout_time: float = 0.0
+    curve: list[float] = field(default_factory=list)  # mean training reward of each rollout batch
+
+    def add(self, completions: int, seconds: float, mean_reward: float) -> None:
+        self.completions += completions
+        self.rollout_time += seconds
+        self.curve.append(mean_reward)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"completions": self.completions, "rollout_time": self.rollout_time, "curve": list(self.curve)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.completions = int(state["completions"])
+        self.rollout_time = float(state["rollout_time"])
+        self.curve = [float(x) for x in state["curve"]]
+
+
+@dataclass
 class RLInputs:
     """What every RL recipe of the align stage starts from."""
 
@@ -256,13 +278,42 @@ def held_out_reward(sampler, rewards, records, *, limit: int = 8) -> dict[str, A
     }
 
 
+def held_out_before(sampler, rewards, records, run_dir: Path, session) -> dict[str, Any]:
+    """``held_out_reward`` of the *start* policy, kept in ``held_out_before.json`` beside the checkpoints.
+
+    A resumed run's model is its checkpoint, not the start policy, so measuring "before" again would compare
+    the end with the middle; the first measurement is reused when it belongs to this run's configuration.
+    """
+    import json
+
+    from ..train.checkpoint import config_hash
+    from ..utils.atomic import write_json
+
+    path = run_dir / "held_out_before.json"
+    key = config_hash(session.run_config)
+    if session.resumed_from is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            saved = {}
+        if saved.get("config_hash") == key:
+            return saved["before"]
+    before = held_out_reward(sampler, rewards, records)
+    if session.resumed_from is None:
+        write_json(path, {"config_hash": key, "before": before})
+    return before
+
+
 def run_config(ctx: StageContext, policy, method: str) -> dict[str, Any]:
+    """What ``resume: auto`` compares: the settings, the seed and the start policy (path and weights)."""
+    from ..train.recipe import base_identity
+
     cfg = ctx.manifest.align
     return {
         "align": cfg.semantic_dump(),
         "method": method,
         "seed": ctx.manifest.project.seed,
-        "base": str(policy.path),
+        "base": base_identity(ctx, policy.path),
     }
 
 
@@ -299,6 +350,16 @@ def rl_summary(ctx, policy, before, after, steps, extra: list[tuple[str, str]]) 
             f"{fmt(before['mean_reward'], 3)} before → {fmt(after['mean_reward'], 3)} after (greedy)",
         )
     )
+    parts = [k for k in before if k.startswith("reward_") and k in after]
+    if len(parts) > 1:  # one row per reward source, so a gain in one is not hidden by another
+        rows.append(
+            (
+                "held-out by reward",
+                ", ".join(
+                    f"{k.removeprefix('reward_')} {fmt(before[k], 3)} → {fmt(after[k], 3)}" for k in parts
+                ),
+            )
+        )
     rows.append(("steps", str(steps)))
     return rows + extra
 
@@ -341,6 +402,7 @@ def run(ctx: StageContext, policy) -> StageResult:
     rc = run_config(ctx, policy, "grpo")
     run_dir = ctx.out_dir
     order = PromptOrder(len(inp.train), project.seed)
+    tally = RolloutTally()
     session = setup(
         model,
         cfg,
@@ -353,7 +415,7 @@ def run(ctx: StageContext, policy) -> StageResult:
         env=env,
         description="align.grpo",
         objective_name="grpo",
-        stateful={"prompts": order},
+        stateful={"prompts": order, "rollouts": tally},
     )
     policy_model = session.model
     G, mu = g.group_size, g.updates_per_batch
@@ -361,14 +423,13 @@ def run(ctx: StageContext, policy) -> StageResult:
         policy_model, tokenizer, max_new_tokens=g.max_new_tokens, max_batch=min(256, g.prompts_per_step * G)
     )
     pad = tokenizer.info.pad_id if tokenizer.info.pad_id is not None else tokenizer.info.eos_id
-    before = held_out_reward(sampler, inp.rewards, inp.held_out)
+    before = held_out_before(sampler, inp.rewards, inp.held_out, run_dir, session)
     log.info("grpo: held-out mean reward before %s", before["mean_reward"])
 
     MetricsWriter.truncate(run_dir, session.step if session.resumed_from else None)
     writer = MetricsWriter(run_dir, enabled=env.is_main, config=session.run_config)
     loss_fn = grpo_loss_fn(clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high, beta=g.kl_beta)
-    completions_total, rollout_time, ckpt = 0, 0.0, session.resumed_from
-    reward_curve: list[float] = []
+    ckpt = session.resumed_from
     with console.progress("align.grpo", total=cfg.max_steps - session.step, unit="step") as bar:
         while session.step < cfg.max_steps:
             step0 = session.step
@@ -422,9 +483,7 @@ def run(ctx: StageContext, policy) -> StageResult:
                     row["skipped"] = session.skipped
                 writer.log(row)
                 bar.advance(1, reward=round(row["reward"], 3))
-            reward_curve.append(float(rewards.mean()))
-            completions_total += len(samples)
-            rollout_time += rollout_s
+            tally.add(len(samples), rollout_s, float(rewards.mean()))
             if cfg.save_every and session.step % cfg.save_every < mu and session.step < cfg.max_steps:
                 ckpt = save_checkpoint(session)
     writer.close()
@@ -433,7 +492,7 @@ def run(ctx: StageContext, policy) -> StageResult:
     final = export_model(ckpt, ctx.out_dir, env)
     after = held_out_reward(sampler, inp.rewards, inp.held_out)
     log.info("grpo: held-out mean reward after %s", after["mean_reward"])
-    metrics = rl_metrics(before, after, inp, sampler, session, completions_total, rollout_time, reward_curve)
+    metrics = rl_metrics(before, after, inp, sampler, session, tally)
     if env.is_main:
         write_json(run_dir / "report.json", report(before, after, inp, sampler))
     summary = rl_summary(
@@ -443,7 +502,7 @@ def run(ctx: StageContext, policy) -> StageResult:
         after,
         session.step,
         [
-            ("rollouts", f"{completions_total:,} completions ({G} per prompt), {_rate(metrics)}"),
+            ("rollouts", f"{tally.completions:,} completions ({G} per prompt), {_rate(metrics)}"),
             (
                 "final model",
                 str(final.relative_to(ctx.project_dir))
@@ -481,10 +540,21 @@ def _rate(metrics: dict[str, Any]) -> str:
     return f"{r:,.1f} completions/s" if r else "-"
 
 
-def rl_metrics(before, after, inp, sampler, session, completions, rollout_time, curve) -> dict[str, Any]:
+def rl_metrics(before, after, inp, sampler, session, tally: RolloutTally) -> dict[str, Any]:
+    completions, rollout_time, curve = tally.completions, tally.rollout_time, tally.curve
+    per_source = {
+        f"held_out_{k}_{when}": d[k]
+        for when, d in (("before", before), ("after", after))
+        for k in d
+        if k.startswith("reward_")
+    }
     return {
         "held_out_reward_before": before["mean_reward"],
         "held_out_reward_after": after["mean_reward"],
+        # the names `llmforge status` shows for the align stage (DPO's reward-model scores use them too)
+        "reward_before": before["mean_reward"],
+        "reward_after": after["mean_reward"],
+        **per_source,
         "held_out_prompts": len(inp.held_out),
         "train_prompts": len(inp.train),
         "steps": session.step,

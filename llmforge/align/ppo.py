@@ -159,7 +159,9 @@ def run(ctx: StageContext, policy) -> StageResult:
     from ..utils.atomic import write_json
     from .grpo import (
         PromptOrder,
+        RolloutTally,
         _ckpt_step,
+        held_out_before,
         held_out_reward,
         prepare,
         report,
@@ -186,6 +188,7 @@ def run(ctx: StageContext, policy) -> StageResult:
     place_frozen({"reference": reference}, device)
     rc = run_config(ctx, policy, "ppo")
     order = PromptOrder(len(inp.train), project.seed)
+    tally = RolloutTally()
     resume = resolve_resume(ctx, cfg, rc, ctx.out_dir, env)
     session = setup(
         actor,
@@ -199,7 +202,7 @@ def run(ctx: StageContext, policy) -> StageResult:
         env=env,
         description="align.ppo",
         objective_name="ppo",
-        stateful={"prompts": order},
+        stateful={"prompts": order, "rollouts": tally},
     )
     vsession = setup(
         value,
@@ -222,13 +225,13 @@ def run(ctx: StageContext, policy) -> StageResult:
         session.model, tokenizer, max_new_tokens=p.max_new_tokens, max_batch=min(256, p.prompts_per_step)
     )
     pad = tokenizer.info.pad_id if tokenizer.info.pad_id is not None else tokenizer.info.eos_id
-    before = held_out_reward(sampler, inp.rewards, inp.held_out)
+    before = held_out_before(sampler, inp.rewards, inp.held_out, ctx.out_dir, session)
     log.info("ppo: held-out mean reward before %s", before["mean_reward"])
 
     MetricsWriter.truncate(ctx.out_dir, session.step if session.resumed_from else None)
     writer = MetricsWriter(ctx.out_dir, enabled=env.is_main, config=session.run_config)
     pol_loss, val_loss = policy_loss_fn(p.clip_eps), value_loss_fn(p.value_clip, p.vf_coef)
-    completions_total, rollout_time, curve, ckpt = 0, 0.0, [], session.resumed_from
+    ckpt = session.resumed_from
     with console.progress("align.ppo", total=cfg.max_steps - session.step, unit="step") as bar:
         while session.step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -275,9 +278,7 @@ def run(ctx: StageContext, policy) -> StageResult:
                 }
                 writer.log(row)
                 bar.advance(1, reward=round(row["reward"], 3))
-            curve.append(float(scores.mean()))
-            completions_total += len(samples)
-            rollout_time += rollout_s
+            tally.add(len(samples), rollout_s, float(scores.mean()))
             if (
                 cfg.save_every
                 and session.step % cfg.save_every < p.ppo_epochs
@@ -292,11 +293,11 @@ def run(ctx: StageContext, policy) -> StageResult:
     final = export_model(ckpt, ctx.out_dir, env)
     after = held_out_reward(sampler, inp.rewards, inp.held_out)
     log.info("ppo: held-out mean reward after %s", after["mean_reward"])
-    metrics = rl_metrics(before, after, inp, sampler, session, completions_total, rollout_time, curve)
+    metrics = rl_metrics(before, after, inp, sampler, session, tally)
     metrics["value_model"] = "separate (policy trunk + scalar head)"
     if env.is_main:
         write_json(ctx.out_dir / "report.json", report(before, after, inp, sampler))
     summary = rl_summary(
-        ctx, policy, before, after, session.step, [("rollouts", f"{completions_total:,} completions")]
+        ctx, policy, before, after, session.step, [("rollouts", f"{tally.completions:,} completions")]
     )
     return StageResult(outputs={"model": final}, metrics=metrics, summary=summary)

@@ -486,10 +486,12 @@ def run_reward(ctx: StageContext) -> StageResult:
     loss_fn = make_reward_loss(cfg.margin)
     before = evaluate(model, loss_fn, torch.device("cpu"), _no_autocast, batches=val) if val else None
 
+    from ..train.recipe import base_identity
+
     rc = {
         "reward": cfg.semantic_dump(),
         "seed": project.seed,
-        "base": {"path": str(source.path), "config": model.config.to_dict()},
+        "base": {**base_identity(ctx, source.path), "config": model.config.to_dict()},
         "data": {"pairs": stats.to_dict(), "files": [str(f) for f in files]},
     }
     resume: str | Path = cfg.resume
@@ -525,6 +527,7 @@ def run_reward(ctx: StageContext) -> StageResult:
             "skipped": {k: v for k, v in stats.skipped.items() if v},
             "accuracy_before": before.get("val_accuracy") if before else None,
             "accuracy_after": result.val_metrics.get("val_accuracy"),
+            "val_pairs_evaluated": _pairs_in(val),
             "margin_after": result.val_metrics.get("val_margin"),
         }
     )
@@ -542,10 +545,19 @@ def run_reward(ctx: StageContext) -> StageResult:
                 "val accuracy",
                 (f"{acc_b:.0%} before → " if acc_b is not None else "")
                 + f"{metrics['accuracy_after']:.0%} after, mean margin {metrics['margin_after']:.3f} "
-                f"({stats.val} held-out pairs)",
+                + (
+                    f"({_pairs_in(val)} of {stats.val} held-out pairs; eval_batches caps it)"
+                    if _pairs_in(val) < stats.val
+                    else f"({stats.val} held-out pairs)"
+                ),
             )
         )
     return StageResult(outputs={"model": final}, metrics=metrics, summary=summary)
+
+
+def _pairs_in(batches) -> int:
+    """Pairs in a list of pair batches (one ``margin`` per pair, packed or not)."""
+    return sum(len(b["margin"]) for b in batches or [])
 
 
 def _no_autocast():

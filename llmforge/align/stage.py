@@ -80,7 +80,7 @@ def run_align(ctx: StageContext) -> StageResult:
     head = []
     if "method" not in labels:
         head.append(("method", cfg.method))
-    if "policy" not in labels:
+    if not labels & {"policy", "started from"}:
         head.append(("policy", policy.describe(ctx)))
     result.summary[:0] = head
     if rejection is not None:

@@ -723,7 +723,7 @@ def _distill_here(ctx: StageContext) -> StageResult:
     from ..tokenizer.info import load_tokenizer
     from . import dist
     from .loop import Objective, resolve_precision, train
-    from .recipe import export_model, resolve_model, train_metrics, train_summary, training_env
+    from .recipe import base_identity, export_model, resolve_model, train_metrics, train_summary, training_env
     from .sft import data_files, prepare_data, sft_loss
     from .sft_data import sft_eval_batches
 
@@ -829,7 +829,7 @@ def _distill_here(ctx: StageContext) -> StageResult:
     rc = {
         "distill": cfg.semantic_dump(),
         "seed": project.seed,
-        "teacher": {"path": str(teacher_src.path), "config": teacher.config.to_dict()},
+        "teacher": {**base_identity(ctx, teacher_src.path), "config": teacher.config.to_dict()},
         "student": {"config": student.config.to_dict(), "layers": layers},
         "data": index.fingerprint,
         "generations": lineage["fingerprint"] if lineage else None,

@@ -64,6 +64,22 @@ def resolve_model(ctx: StageContext, explicit: str | os.PathLike | None, field: 
     )
 
 
+def base_identity(ctx: StageContext, path: str | os.PathLike) -> dict[str, str]:
+    """What a run's checkpoints record about the model it started from: its path *and* a hash of its weights.
+
+    ``resume: auto`` continues only checkpoints whose run config matches. Upstream stages rewrite their model in
+    place (``runs/sft/model``), so the path alone would let an SFT, reward, policy or student run resume checkpoints trained
+    from the previous upstream model. The weights' hashes come from the pipeline's hash cache (the runner has just
+    hashed this folder for the stage's fingerprint), so large checkpoints are not re-read.
+    """
+    from ..utils.hashing import HashCache, sha256_listing
+
+    path = Path(path)
+    hashes = HashCache(ctx.runs_dir / ".cache" / "hashes.json")  # read only: the runner owns this file
+    files = sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+    return {"path": str(path), "weights": sha256_listing((p.name, hashes.file(p)) for p in files)}
+
+
 def relaunch_under_torchrun(ctx: StageContext, cfg):
     """A training stage asked for several processes (``launcher: torchrun`` or ``--nproc``) and not yet under
     torchrun: re-launch it there and return rank 0's result; None when the stage should train here."""

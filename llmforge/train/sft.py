@@ -229,6 +229,7 @@ def _sft_here(ctx: StageContext) -> StageResult:
     from . import dist
     from .loop import Objective, train
     from .recipe import (
+        base_identity,
         export_model,
         load_start_model,
         resolve_model,
@@ -329,7 +330,7 @@ def _sft_here(ctx: StageContext) -> StageResult:
     rc = {
         "sft": cfg.semantic_dump(),
         "seed": project.seed,
-        "base": {"path": str(source.path), "config": config.to_dict()},
+        "base": {**base_identity(ctx, source.path), "config": config.to_dict()},
         "data": json.loads((data_dir / "index.json").read_text()).get("fingerprint"),
     }
     resume: str | Path = cfg.resume

@@ -258,6 +258,8 @@ def test_reward_stage_learns_to_rank_held_out_pairs(reward_run, align_base):
     assert m["margin_after"] > 0.5
     labels = dict(res.summary)
     assert "reward.from" in labels["started from"] and "held-out pairs" in labels["val accuracy"]
+    assert f"{m['accuracy_before']:.0%} before → {m['accuracy_after']:.0%} after" in labels["val accuracy"]
+    assert m["val_pairs_evaluated"] == m["val_pairs"] or "eval_batches caps it" in labels["val accuracy"]
     out = ctx.out_dir / "model"
     assert not (out / "trainer_state.pt").exists() and (out / "tokenizer.json").is_file()
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -313,3 +315,46 @@ def test_reward_training_step_changes_every_parameter(align_base):
     for n, p in rm.named_parameters():
         assert not torch.equal(p, before[n]), f"{n} did not change"
     assert F is not None
+
+
+def _reward_step(align_base, train, batch_size: int, grad_accum: int):
+    import tempfile
+
+    from llmforge.align.preference_data import PairBatches
+    from llmforge.align.reward import make_reward_loss
+    from llmforge.manifest.align import RewardSection
+    from llmforge.train.loop import optimizer_step, setup
+
+    tok = load_tokenizer(align_base["tok"])
+    rm = RewardModel.from_causal_lm(load_pretrained(align_base["untied"], dtype=torch.float32), seed=0)
+    # eps ≫ |g| makes Adam's first update lr·g, so the weights compare the gradients themselves
+    cfg = RewardSection(
+        max_steps=2, warmup_steps=0, lr=1.0, eps=1.0, batch_size=batch_size, grad_accum=grad_accum
+    )
+    data = PairBatches(train, batch_size=batch_size, pad_id=tok.info.pad_id, seed=0)
+    with tempfile.TemporaryDirectory() as d:
+        session = setup(rm, cfg, run_dir=d, description="reward")
+        st = optimizer_step(session, lambda: next(data), make_reward_loss(True))
+    return rm, st
+
+
+def test_reward_batch_times_accumulation_invariance(align_base):
+    """TRL's invariance: 8 pairs x accumulation 1 == 1 pair x accumulation 8 == 2 x 4 (the same update), with
+    pairs of different lengths and margins — the loss is a mean over pairs, weighted by pairs."""
+    tok = load_tokenizer(align_base["tok"])
+    rows = [
+        {"prompt": f"What is {i} plus {i % 3}?" + " Please." * (i % 4), "chosen": f"The answer is {i + i % 3}.",
+         "rejected": "No idea." if i % 2 else f"The answer is {i + 5}.", "margin": 0.25 * i}
+        for i in range(8)
+    ]  # fmt: skip
+    f = write_jsonl(Path(align_base["tok"]).parent / "inv_pairs.jsonl", rows)
+    train, _, _ = tokenize_pairs([f], tok, max_len=64, val_fraction=0.0, seed=0)
+    assert len(train) == 8 and len({len(p.chosen_ids) for p in train}) > 1
+    a, sa = _reward_step(align_base, train, 8, 1)
+    for bs, acc in ((1, 8), (2, 4)):
+        b, sb = _reward_step(align_base, train, bs, acc)
+        assert sa.loss == pytest.approx(sb.loss, rel=1e-5)
+        assert sa.grad_norm == pytest.approx(sb.grad_norm, rel=1e-4)
+        assert sa.metrics["accuracy"] == pytest.approx(sb.metrics["accuracy"])
+        for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.allclose(p, q, atol=2e-6), n
