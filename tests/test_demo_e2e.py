@@ -24,12 +24,13 @@ FAST = [
     "distill.max_steps=8",
     "distill.warmup_steps=1",
 ]
+STAGES = ("crawl", "data", "tokenizer", "pretrain", "sft", "reward", "align", "distill", "quantize", "serve")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(
     1800
-)  # six stages, three times over; minutes on a quiet 2-core machine, more when loaded
+)  # every stage, three times over; minutes on a quiet 2-core machine, more when loaded
 def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     code, _, err = cli(["init", "demo"], tmp_path, capsys)
@@ -39,25 +40,53 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
 
     code, out, err = cli(["run", *FAST], demo, capsys)
     assert code == 0, out + err
-    assert "6 stage(s) ran, 0 cached" in out
+    assert f"{len(STAGES)} stage(s) ran, 0 cached" in out
+    # the crawl fetched the template's own site over loopback: robots.txt obeyed, a 404 counted
+    crawl = json.loads((demo / "runs" / "crawl" / "lineage.json").read_text())["metrics"]
+    assert crawl["pages_stored"] == 49 and crawl["robots_disallowed"] == 1, crawl
+    assert crawl["errors_by_reason"] == {"http_404": 1}, crawl
     # the fine-tuned model follows the answer format of the SFT data on held-out prompts
     sft = json.loads((demo / "runs" / "sft" / "lineage.json").read_text())["metrics"]
     assert sft["format_rate_before"] == 0.0 and sft["format_rate_after"] >= 0.5, sft
     distill = json.loads((demo / "runs" / "distill" / "lineage.json").read_text())["metrics"]
     assert distill["val_kl"] >= 0 and distill["student_params"] < distill["teacher_params"], distill
+    # the reward model ranks held-out pairs better than chance; GRPO measured its held-out reward before and after
+    reward = json.loads((demo / "runs" / "reward" / "lineage.json").read_text())["metrics"]
+    assert reward["val_accuracy"] > 0.5, reward
+    align = json.loads((demo / "runs" / "align" / "lineage.json").read_text())["metrics"]
+    assert 0 <= align["reward_before"] <= 1.2 and 0 <= align["reward_after"] <= 1.2, align
+    assert "held_out_reward_exact_match_after" in align, align
     deploy = json.loads((demo / "runs" / "serve" / "lineage.json").read_text())["metrics"]
     assert deploy["engine"] == "local", deploy
+    assert deploy["safety_probe_blocked"] is True, deploy
+    # GPTQ: 4-bit, scored on held-out conversations, served by the deploy check
+    quant = json.loads((demo / "runs" / "quantize" / "lineage.json").read_text())["metrics"]
+    assert quant["spec"]["bits"] == 4 and quant["eval"]["source"] == "sft", quant
+    assert quant["ppl_increase"] < 0.25 and quant["size_bytes"]["gptq"] < quant["size_bytes"]["original"] / 3
+    assert deploy["model"].endswith("quantize/model"), deploy
+
+    # the run report: results, a loss curve per training stage, self-contained HTML, rebuilt identically
+    md = (demo / "runs" / "report.md").read_text()
+    assert "## Results" in md and "answer-format rate (held-out prompts) | 0% |" in md
+    assert "| serve | first served answer: prompt → answer |" in md
+    for stage in ("pretrain", "sft", "distill"):
+        png = demo / "runs" / "report_assets" / f"{stage}-loss.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "data:image/png;base64," in (demo / "runs" / "report.html").read_text()
+    first = (demo / "runs" / "report.md").read_bytes()
+    assert cli(["report", *FAST], demo, capsys)[0] == 0
+    assert (demo / "runs" / "report.md").read_bytes() == first
 
     # Second run: everything cached.
     code, out, err = cli(["run", *FAST], demo, capsys)
-    assert code == 0 and "0 stage(s) ran, 6 cached" in out, out + err
+    assert code == 0 and f"0 stage(s) ran, {len(STAGES)} cached" in out, out + err
 
     # Editing one section re-runs that stage and the ones after it only.
     manifest = demo / "llmforge.yaml"
     manifest.write_text(manifest.read_text().replace("vocab_size: 1024", "vocab_size: 900"))
     code, out, err = cli(["run", *FAST], demo, capsys)
     assert code == 0, out + err
-    assert "5 stage(s) ran, 1 cached" in out
+    assert f"{len(STAGES) - 2} stage(s) ran, 2 cached" in out
     assert "data cached" in out and "config changed: tokenizer.vocab_size" in out
     # pretrain re-ran from scratch on the new tokenizer: the old run's checkpoints were set aside, not resumed.
     assert (demo / "runs" / "pretrain" / "checkpoints.previous").is_dir()
@@ -65,7 +94,7 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
 
     code, out, _ = cli(["status", "--json", *FAST], demo, capsys)
     states = {r["stage"]: r["state"] for r in json.loads(out)}
-    assert {states[s] for s in ("data", "tokenizer", "pretrain", "sft", "distill", "serve")} == {"done"}
+    assert {states[s] for s in STAGES} == {"done"}
 
     code, out, _ = cli(["lineage", "--json", "runs/pretrain/model"], demo, capsys)
     tree = json.loads(out)
