@@ -63,7 +63,7 @@ def test_tiny_demo_pipeline(tmp_path, capsys, monkeypatch):
     quant = json.loads((demo / "runs" / "quantize" / "lineage.json").read_text())["metrics"]
     assert quant["spec"]["bits"] == 4 and quant["eval"]["source"] == "sft", quant
     assert quant["ppl_increase"] < 0.25 and quant["size_bytes"]["gptq"] < quant["size_bytes"]["original"] / 3
-    assert deploy["model"].endswith("quantize/model"), deploy
+    assert deploy["model"].startswith("runs/quantize/model"), deploy
 
     # the run report: results, a loss curve per training stage, self-contained HTML, rebuilt identically
     md = (demo / "runs" / "report.md").read_text()
