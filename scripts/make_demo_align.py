@@ -24,14 +24,9 @@ TINY = Path(__file__).resolve().parents[1] / "llmforge" / "templates" / "tiny"
 PAIRS = TINY / "reward" / "pairs.jsonl"
 PROMPTS = TINY / "align" / "prompts.jsonl"
 
-# the SFT set's phrasings (scripts/make_demo_sft.py), so prompts render as the policy was fine-tuned on
-ASK_ADD = [
-    "What is {a} plus {b}?",
-    "Add {a} and {b}.",
-    "Compute {a} + {b}.",
-    "What do you get from {a} + {b}?",
-]
-ASK_SUB = ["What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}.", "What is {a} - {b}?"]
+# the SFT set's phrasings, imported so the two cannot drift: prompts render as the policy was fine-tuned on
+from make_demo_sft import ASK_ADD, ASK_SUB  # noqa: E402  (scripts/ is on sys.path when this runs)
+
 BAD_FORMATS = ["{n}", "The answer is {n}", "the answer is {n}.", "It is {n}.", "{n}, I think.", "Answer: {n}"]
 MAX_OPERAND = 4  # GRPO questions: operands 0..4, 25 sums and 15 differences
 
